@@ -1,0 +1,146 @@
+"""The network: node embedding -> N interaction blocks -> readout, for any subgroup G of O(3)."""
+
+from typing import Optional, Union
+
+import torch
+from e3nn import o3
+from torch import nn
+
+from .. import groups as groups_lib
+from ..nn import (
+    EdgeEmbedding,
+    ImplicitKernel,
+    InteractionBlock,
+    Readout,
+    StandardKernel,
+    SteerableConv,
+    irreps_up_to,
+)
+
+KERNELS = ("factorised", "full", "standard")
+
+
+class MolkernNet(nn.Module):
+    """Steerable point-convolution network with implicit (or standard) kernels.
+
+    Args:
+        irreps_node_attr: fixed node inputs, e.g. "5x0e" (atom-type one-hot) or "1x0e+1x1o" (L_i, velocity).
+            "" means no attributes (a constant 1 is used).
+        irreps_edge_attr: per-edge inputs of the kernel, e.g. "4x0e" (bond one-hot); "" for none.
+        irreps_out: output irreps per node: "1x0e" energy-like, "1x1o" vector, "40x0e" logits.
+        pooling: "sum" or "mean" per graph, or None for per-node outputs.
+        group: a molkern.groups.Group or a name for molkern.groups.get ("o3", "so2", ...).
+        kernel: "factorised" (fast implicit), "full" (paper-exact implicit) or "standard" (NequIP, O(3) only).
+        num_channels: multiplicity of each hidden irrep; lmax: largest l of hidden features.
+        parity: "natural" (0e, 1o, 2e, ...) or "both" hidden parities.
+        num_layers: number of interaction blocks.
+        cutoff: Angstrom; num_radial: Bessel functions.
+        kernel_mlp_width / kernel_mlp_layers: hidden multiplicity and depth of the kernel MLP.
+        kernel_batch_norm: batch-normalise the harmonic polynomials fed to the kernel MLP.
+        kernel_node_attrs: feed node attributes of both ends to the kernel MLP.
+        avg_num_neighbors: normalisation of the neighbour sum (see `average_num_neighbors`).
+
+    Shapes:
+        pos: (N, 3) Angstrom, node_attrs: (N, irreps_node_attr.dim), edge_index: (2, E) [source, target],
+        edge_attrs: (E, irreps_edge_attr.dim), batch: (N,) -> (num_graphs, irreps_out.dim) or (N, irreps_out.dim)
+    """
+
+    def __init__(
+        self,
+        irreps_node_attr: Union[str, o3.Irreps] = "5x0e",
+        irreps_edge_attr: Union[str, o3.Irreps] = "",
+        irreps_out: Union[str, o3.Irreps] = "1x0e",
+        pooling: Optional[str] = "sum",
+        group: Union[str, "groups_lib.Group"] = "o3",
+        kernel: str = "factorised",
+        num_channels: int = 16,
+        lmax: int = 1,
+        parity: str = "natural",
+        num_layers: int = 3,
+        cutoff: float = 5.0,
+        num_radial: int = 8,
+        kernel_mlp_width: int = 8,
+        kernel_mlp_layers: int = 2,
+        kernel_batch_norm: bool = True,
+        kernel_node_attrs: bool = True,
+        avg_num_neighbors: float = 1.0,
+    ):
+        super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        self.group = groups_lib.get(group) if isinstance(group, str) else group
+        if kernel == "standard" and self.group.irreps_ref.dim > 0:
+            raise ValueError(
+                f"the standard kernel is O(3)-equivariant only and ignores the references of {self.group!r}; "
+                "use kernel='factorised' or 'full' for a subgroup"
+            )
+        self.irreps_node_attr = o3.Irreps(irreps_node_attr)
+        self.irreps_edge_attr = o3.Irreps(irreps_edge_attr)
+        attrs = self.irreps_node_attr if self.irreps_node_attr.dim > 0 else o3.Irreps("1x0e")
+        self.irreps_hidden = irreps_up_to(num_channels, lmax, parity)
+        implicit = kernel != "standard"
+        self.edge_embedding = EdgeEmbedding(
+            cutoff,
+            lmax=2 * lmax if implicit else lmax,
+            num_radial=num_radial,
+            group=self.group,
+            irreps_edge_attr=self.irreps_edge_attr if implicit else "",
+            irreps_node_attr=self.irreps_node_attr if implicit and kernel_node_attrs else "",
+            batch_norm=kernel_batch_norm,
+            kernel_input=implicit,
+        )
+        if not implicit and self.irreps_edge_attr.dim > 0:
+            raise ValueError("the standard kernel takes no edge attributes; use an implicit kernel")
+        self.embedding = o3.Linear(attrs, self.irreps_hidden)
+        self.blocks = nn.ModuleList()
+        irreps = self.embedding.irreps_out
+        for _ in range(num_layers):
+            if implicit:
+                k = ImplicitKernel(
+                    irreps, self.irreps_hidden, self.edge_embedding.irreps_kernel_in, kernel,
+                    kernel_mlp_width, kernel_mlp_layers,
+                )
+            else:
+                k = StandardKernel(irreps, self.irreps_hidden, self.edge_embedding.irreps_sh, num_radial)
+            block = InteractionBlock(irreps, self.irreps_hidden, attrs, SteerableConv(k, avg_num_neighbors))
+            self.blocks.append(block)
+            irreps = block.irreps_out
+        self.readout = Readout(irreps, irreps_out, pooling)
+        self.irreps_out = self.readout.irreps_out
+
+    def forward(
+        self,
+        pos: torch.Tensor,
+        node_attrs: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_attrs: Optional[torch.Tensor] = None,
+        batch: Optional[torch.Tensor] = None,
+        num_graphs: Optional[int] = None,
+    ) -> torch.Tensor:
+        num_nodes = pos.shape[0]
+        if batch is None:
+            batch = torch.zeros(num_nodes, dtype=torch.long, device=pos.device)
+        if num_graphs is None:
+            num_graphs = int(batch.max()) + 1 if num_nodes > 0 else 0
+        if self.irreps_node_attr.dim == 0:
+            node_attrs = pos.new_ones(num_nodes, 1)  # (N, 1)
+        elif node_attrs.shape != (num_nodes, self.irreps_node_attr.dim):
+            raise ValueError(
+                f"node_attrs must have shape ({num_nodes}, {self.irreps_node_attr.dim}) for irreps "
+                f"{self.irreps_node_attr}, got {tuple(node_attrs.shape)}"
+            )
+        edge_vec = torch.index_select(pos, 0, edge_index[0]) - torch.index_select(pos, 0, edge_index[1])  # (E, 3)
+        edges = self.edge_embedding(edge_vec, edge_attrs, node_attrs, edge_index)
+        feats = self.embedding(node_attrs)  # (N, irreps_hidden.dim)
+        for block in self.blocks:
+            feats = block(feats, node_attrs, edges, edge_index)  # (N, irreps_hidden.dim)
+        return self.readout(feats, batch, num_graphs)
+
+
+def average_num_neighbors(edge_indices, num_nodes) -> float:
+    """Mean in-degree over a collection of graphs (the conv's `avg_num_neighbors`)."""
+    edges = sum(int(e.shape[1]) for e in edge_indices)
+    nodes = sum(int(n) for n in num_nodes)
+    if nodes == 0:
+        raise ValueError("cannot average over an empty collection of graphs")
+    return max(edges / nodes, 1.0)

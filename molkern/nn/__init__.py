@@ -1,0 +1,30 @@
+"""Equivariant layers: radial basis, equivariant MLP, kernels, convolution, interaction block, readout."""
+
+from .conv import SteerableConv
+from .edges import EdgeEmbedding, Edges
+from .interaction import InteractionBlock
+from .kernels import ImplicitKernel, StandardKernel, channelwise_tensor_product, kernel_irreps, kernel_matrix
+from .mlp import EquivariantMLP, irreps_up_to, make_gate
+from .radial import BesselBasis, PolynomialCutoff
+from .readout import Readout
+from .scatter import scatter_mean, scatter_sum
+
+__all__ = [
+    "BesselBasis",
+    "EdgeEmbedding",
+    "Edges",
+    "EquivariantMLP",
+    "ImplicitKernel",
+    "InteractionBlock",
+    "PolynomialCutoff",
+    "Readout",
+    "StandardKernel",
+    "SteerableConv",
+    "channelwise_tensor_product",
+    "irreps_up_to",
+    "kernel_irreps",
+    "kernel_matrix",
+    "make_gate",
+    "scatter_mean",
+    "scatter_sum",
+]

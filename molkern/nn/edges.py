@@ -1,0 +1,174 @@
+"""Edge geometry, computed once per forward pass and shared by every layer's kernel."""
+
+from typing import NamedTuple, Optional
+
+import torch
+from e3nn import nn as enn
+from e3nn import o3
+from torch import nn
+
+from .radial import BesselBasis, PolynomialCutoff
+
+
+class Edges(NamedTuple):
+    """Per-edge tensors given to every kernel.
+
+    Attributes:
+        vec: (E, 3) relative position x_j - x_i in Angstrom (source minus target).
+        length: (E,) |x_j - x_i| in Angstrom.
+        envelope: (E, 1) smooth cutoff u(|x|), 0 at the cutoff.
+        radial: (E, num_radial) Bessel radial basis.
+        sh: (E, irreps_sh.dim) spherical harmonics of the direction, l = 0..lmax ("component" normalised).
+        kernel_in: (E, irreps_kernel_in.dim) input of the implicit kernel MLP, or None.
+    """
+
+    vec: torch.Tensor
+    length: torch.Tensor
+    envelope: torch.Tensor
+    radial: torch.Tensor
+    sh: torch.Tensor
+    kernel_in: Optional[torch.Tensor]
+
+
+def _split_scalars(irreps: o3.Irreps):
+    irreps = o3.Irreps(irreps)
+    is_scalar = [ir.l == 0 and ir.p == 1 for _, ir in irreps]
+    return (
+        o3.Irreps([mi for mi, s in zip(irreps, is_scalar) if s]),
+        o3.Irreps([mi for mi, s in zip(irreps, is_scalar) if not s]),
+        is_scalar,
+    )
+
+
+def _take(x: torch.Tensor, irreps: o3.Irreps, mask) -> torch.Tensor:
+    """Columns of x (laid out as irreps) of the entries where mask is True."""
+    parts = [x[..., s] for s, keep in zip(irreps.slices(), mask) if keep]
+    return torch.cat(parts, dim=-1) if parts else x[..., :0]
+
+
+class EdgeEmbedding(nn.Module):
+    """The geometric front of the kernels: radial basis, harmonics, references and attribute products.
+
+    The implicit kernel's MLP input (`kernel_in`) is the direct sum of
+      * the radial basis of |x| (num_radial x 0e) and the scalar attributes (edge z_ij, source z_j, target z_i),
+      * the harmonic polynomials of x / cutoff, l = 1..lmax, batch-normalised (e3nn BatchNorm),
+      * the group's reference tensors and the non-scalar attributes ("vector inputs" V),
+      * the products V (x) [harmonics, attribute vectors] up to l = lmax (no weights; the references
+        squared would be constants), so that the MLP sees invariants
+        such as x . a for the axis a of SO(2), which linear layers and gates alone cannot form.
+
+    Args:
+        cutoff: radial cutoff in Angstrom.
+        lmax: band limit of the harmonics and products (use l_in + l_out of the convolutions).
+        num_radial: number of Bessel functions.
+        group: a molkern.groups.Group (None: O(3)).
+        irreps_edge_attr: irreps of per-edge attributes z_ij (e.g. "4x0e" bond one-hot).
+        irreps_node_attr: irreps of per-node attributes z_i fed to the kernel at both ends (e.g. "5x0e").
+        batch_norm: batch-normalise the harmonic polynomials.
+        kernel_input: build `kernel_in` (set False when only standard kernels are used).
+
+    Shapes:
+        edge_vec: (E, 3), edge_attrs: (E, irreps_edge_attr.dim), node_attrs: (N, irreps_node_attr.dim),
+        edge_index: (2, E) -> Edges
+    """
+
+    def __init__(
+        self,
+        cutoff: float,
+        lmax: int,
+        num_radial: int = 8,
+        group=None,
+        irreps_edge_attr: o3.Irreps = "",
+        irreps_node_attr: o3.Irreps = "",
+        batch_norm: bool = True,
+        kernel_input: bool = True,
+    ):
+        super().__init__()
+        self.cutoff = float(cutoff)
+        self.lmax = int(lmax)
+        self.group = group
+        self.irreps_edge_attr = o3.Irreps(irreps_edge_attr)
+        self.irreps_node_attr = o3.Irreps(irreps_node_attr)
+        self.irreps_sh = o3.Irreps.spherical_harmonics(self.lmax)
+        self.radial = BesselBasis(cutoff, num_radial)
+        self.envelope = PolynomialCutoff(cutoff)
+        self.kernel_input = kernel_input
+
+        irreps_ref = o3.Irreps(group.irreps_ref) if group is not None else o3.Irreps("")
+        refs = group.references.to(torch.float64).clone() if group is not None else torch.zeros(0)
+        for sl in irreps_ref.slices():  # unit RMS per irrep: scale does not change the stabiliser
+            norm = refs[sl].pow(2).mean().sqrt()
+            refs[sl] = refs[sl] / norm if norm > 0 else refs[sl]
+        self.register_buffer("references", refs.to(torch.get_default_dtype()))
+        self.irreps_ref = irreps_ref
+
+        edge_s, edge_v, self._edge_mask = _split_scalars(self.irreps_edge_attr)
+        node_s, node_v, self._node_mask = _split_scalars(self.irreps_node_attr)
+        self.irreps_harmonics = o3.Irreps.spherical_harmonics(self.lmax)[1:]  # l = 1..lmax
+        scale = [((2 * ir.l + 3) / 3) ** 0.5 for _, ir in self.irreps_harmonics for _ in range(ir.dim)]
+        self.register_buffer("harmonics_scale", torch.tensor(scale, dtype=torch.get_default_dtype()))
+        self.harmonics_norm = enn.BatchNorm(self.irreps_harmonics) if batch_norm and self.lmax > 0 else None
+        self.irreps_scalars = o3.Irreps(f"{num_radial}x0e") + edge_s + node_s + node_s
+        self.irreps_vectors = irreps_ref + edge_v + node_v + node_v
+        keep = [ir for _, ir in o3.Irreps.spherical_harmonics(self.lmax) for ir in (ir, o3.Irrep(ir.l, -ir.p))]
+        self._num_ref = irreps_ref.dim
+        if self.irreps_vectors.dim > 0:  # V (x) [harmonics, attribute vectors]: references squared are constants
+            self.products = o3.FullTensorProduct(
+                self.irreps_vectors, self.irreps_harmonics + edge_v + node_v + node_v, filter_ir_out=keep
+            )
+            irreps_products = self.products.irreps_out
+        else:
+            self.products = None
+            irreps_products = o3.Irreps("")
+        self.irreps_kernel_in = self.irreps_scalars + self.irreps_harmonics + self.irreps_vectors + irreps_products
+
+    def forward(
+        self,
+        edge_vec: torch.Tensor,
+        edge_attrs: Optional[torch.Tensor] = None,
+        node_attrs: Optional[torch.Tensor] = None,
+        edge_index: Optional[torch.Tensor] = None,
+    ) -> Edges:
+        num_edges = edge_vec.shape[0]
+        length = torch.linalg.norm(edge_vec, dim=-1)  # (E,)
+        envelope = self.envelope(length).unsqueeze(-1)  # (E, 1)
+        radial = self.radial(length)  # (E, num_radial)
+        sh = o3.spherical_harmonics(self.irreps_sh, edge_vec, normalize=True, normalization="component")
+        if not self.kernel_input:
+            return Edges(edge_vec, length, envelope, radial, sh, None)
+
+        scalars, vectors = [radial], []
+        if self.irreps_edge_attr.dim > 0:
+            if edge_attrs is None or edge_attrs.shape != (num_edges, self.irreps_edge_attr.dim):
+                raise ValueError(
+                    f"edge_attrs must have shape ({num_edges}, {self.irreps_edge_attr.dim}) for irreps "
+                    f"{self.irreps_edge_attr}, got {None if edge_attrs is None else tuple(edge_attrs.shape)}"
+                )
+            scalars.append(_take(edge_attrs, self.irreps_edge_attr, self._edge_mask))
+            vectors.append(_take(edge_attrs, self.irreps_edge_attr, [not m for m in self._edge_mask]))
+        if self.irreps_node_attr.dim > 0:
+            if node_attrs is None or edge_index is None or node_attrs.shape[-1] != self.irreps_node_attr.dim:
+                raise ValueError(
+                    f"node_attrs of width {self.irreps_node_attr.dim} ({self.irreps_node_attr}) and edge_index "
+                    f"are required, got node_attrs {None if node_attrs is None else tuple(node_attrs.shape)}"
+                )
+            attrs_j = torch.index_select(node_attrs, 0, edge_index[0])  # (E, node_attr_dim) source z_j
+            attrs_i = torch.index_select(node_attrs, 0, edge_index[1])  # (E, node_attr_dim) target z_i
+            not_mask = [not m for m in self._node_mask]
+            scalars += [_take(attrs_j, self.irreps_node_attr, self._node_mask),
+                        _take(attrs_i, self.irreps_node_attr, self._node_mask)]
+            vectors += [_take(attrs_j, self.irreps_node_attr, not_mask), _take(attrs_i, self.irreps_node_attr, not_mask)]
+        refs = self.references.to(edge_vec.dtype).expand(num_edges, -1)  # (E, ref_dim)
+        vectors = torch.cat([refs] + vectors, dim=-1)  # (E, irreps_vectors.dim)
+
+        # |x/c|^l Y_l(x/c), scaled to unit second moment for points uniform in the cutoff ball
+        harmonics = o3.spherical_harmonics(
+            self.irreps_harmonics, edge_vec / self.cutoff, normalize=False, normalization="component"
+        ) * self.harmonics_scale  # (E, irreps_harmonics.dim)
+        if self.harmonics_norm is not None:
+            harmonics = self.harmonics_norm(harmonics)
+        parts = scalars + [harmonics, vectors]
+        if self.products is not None:
+            parts.append(self.products(vectors, torch.cat([harmonics, vectors[:, self._num_ref :]], dim=-1)))
+        kernel_in = torch.cat(parts, dim=-1)  # (E, irreps_kernel_in.dim)
+        return Edges(edge_vec, length, envelope, radial, sh, kernel_in)

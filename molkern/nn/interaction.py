@@ -1,0 +1,55 @@
+"""NequIP-style interaction block around a steerable convolution."""
+
+import torch
+from e3nn import o3
+from torch import nn
+
+from .conv import SteerableConv
+from .edges import Edges
+from .mlp import make_gate
+
+
+class InteractionBlock(nn.Module):
+    """linear -> convolution -> linear, + self-connection conditioned on node attributes -> gate (+ residual).
+
+        h = Linear_2(Conv(Linear_1(x))) + TP(x, node_attrs)      (laid out as gate.irreps_in)
+        out = Gate(h) + x   if irreps_out == irreps_in and resnet, else Gate(h)
+
+    Args:
+        irreps_in: node feature irreps.
+        irreps_out: wanted output irreps (the block's `irreps_out` is the gate's layout of them).
+        irreps_node_attr: fixed node attributes (e.g. "5x0e" atom-type one-hot) for the self-connection.
+        conv: a SteerableConv with conv.irreps_in == irreps_in.
+        resnet: add the input when shapes allow.
+
+    Shapes:
+        node_feats: (N, irreps_in.dim), node_attrs: (N, irreps_node_attr.dim) -> (N, irreps_out.dim)
+    """
+
+    def __init__(
+        self,
+        irreps_in: o3.Irreps,
+        irreps_out: o3.Irreps,
+        irreps_node_attr: o3.Irreps,
+        conv: SteerableConv,
+        resnet: bool = True,
+    ):
+        super().__init__()
+        self.irreps_in = o3.Irreps(irreps_in)
+        if conv.irreps_in != self.irreps_in:
+            raise ValueError(f"conv.irreps_in {conv.irreps_in} must equal the block's irreps_in {self.irreps_in}")
+        self.gate = make_gate(irreps_out)
+        self.irreps_out = self.gate.irreps_out
+        self.linear_1 = o3.Linear(self.irreps_in, self.irreps_in)
+        self.conv = conv
+        self.linear_2 = o3.Linear(conv.irreps_out, self.gate.irreps_in)
+        self.self_connection = o3.FullyConnectedTensorProduct(self.irreps_in, irreps_node_attr, self.gate.irreps_in)
+        self.resnet = resnet and self.irreps_out == self.irreps_in
+
+    def forward(
+        self, node_feats: torch.Tensor, node_attrs: torch.Tensor, edges: Edges, edge_index: torch.Tensor
+    ) -> torch.Tensor:
+        h = self.conv(self.linear_1(node_feats), edges, edge_index)  # (N, conv.irreps_out.dim)
+        h = self.linear_2(h) + self.self_connection(node_feats, node_attrs)  # (N, gate.irreps_in.dim)
+        out = self.gate(h)  # (N, irreps_out.dim)
+        return out + node_feats if self.resnet else out

@@ -1,0 +1,173 @@
+"""Steerable kernels applied to source node features: implicit (full or factorised) and standard.
+
+A kernel maps the gathered source features f_j and the edge tensors to messages k(x_ij, z) f_j
+without materialising a (d_out x d_in) matrix per edge; `kernel_matrix` materialises it for tests and plots.
+"""
+
+from typing import List
+
+import torch
+from e3nn import nn as enn
+from e3nn import o3
+from torch import nn
+
+from .edges import Edges
+from .mlp import EquivariantMLP, irreps_up_to
+
+
+def kernel_irreps(irreps_in: o3.Irreps, irreps_out: o3.Irreps) -> List[o3.Irrep]:
+    """The irreps in rho_in (x) rho_out, sorted: the blocks a kernel rho_in -> rho_out can have."""
+    found = set()
+    for _, ir_in in o3.Irreps(irreps_in):
+        for _, ir_out in o3.Irreps(irreps_out):
+            found.update(ir_in * ir_out)
+    return sorted(found)
+
+
+def channelwise_tensor_product(irreps_in: o3.Irreps, irreps_edge: o3.Irreps, irreps_out: o3.Irreps) -> o3.TensorProduct:
+    """'uvu' product f_j (x) e_ij with per-edge weights, keeping only outputs whose irrep is in irreps_out.
+
+    Each channel u of f_j is combined with the (multiplicity-1) edge irreps; outputs are sorted by irrep.
+    """
+    keep = {ir for _, ir in o3.Irreps(irreps_out)}
+    mid, instructions = [], []
+    for i, (mul, ir_in) in enumerate(o3.Irreps(irreps_in)):
+        for j, (_, ir_edge) in enumerate(o3.Irreps(irreps_edge)):
+            for ir in ir_in * ir_edge:
+                if ir in keep:
+                    instructions.append((i, j, len(mid), "uvu", True))
+                    mid.append((mul, ir))
+    if not mid:
+        raise ValueError(f"no path connects {irreps_in} (x) {irreps_edge} to {irreps_out}")
+    mid = o3.Irreps(mid)
+    mid_sorted, perm, _ = mid.sort()
+    instructions = [(i, j, perm[k], mode, w) for i, j, k, mode, w in instructions]
+    return o3.TensorProduct(
+        irreps_in, irreps_edge, mid_sorted, instructions, shared_weights=False, internal_weights=False
+    )
+
+
+class ImplicitKernel(nn.Module):
+    """Implicit steerable kernel k(x, z_ij, z_i, z_j) produced by an equivariant MLP (paper eq. 3-5).
+
+    The MLP reads `edges.kernel_in` (see EdgeEmbedding: harmonics, radial basis, attributes, the group's
+    references); fed constant references, it is equivariant to their stabiliser G, hence so is the kernel.
+
+    Forms:
+        "full": the paper-exact kernel. The MLP emits h_ij (mlp_width copies of every irrep in
+            rho_in (x) rho_out); the kernel applied to f_j is TP(f_j, h_ij) with shared "uvw" weights,
+            i.e. any equivariant linear map of h_ij into rho_in (x) rho_out, reshaped and contracted with f_j.
+        "factorised": the MLP emits one angular vector a_ij (one copy of every irrep in rho_in (x) rho_out)
+            and per-edge, per-channel path weights w_ij; messages are the channel-wise product
+            TP_uvu(f_j, a_ij; w_ij). Channel mixing happens on nodes, before gather and after scatter.
+    The MLP's hidden band limit is the largest l in rho_in (x) rho_out, so no kernel block is identically zero.
+
+    Args:
+        irreps_in: irreps of the source features f_j.
+        irreps_out: irreps of the messages wanted (the factorised form's `irreps_out` is the sorted
+            channel-wise product restricted to these irreps; its multiplicities follow irreps_in).
+        irreps_kernel_in: `EdgeEmbedding.irreps_kernel_in`.
+        form: "full" or "factorised".
+        mlp_width: multiplicity of each hidden irrep of the kernel MLP.
+        mlp_layers: number of gated hidden layers.
+        batch_norm: e3nn BatchNorm after each hidden gate.
+
+    Shapes:
+        node_feats_src: (E, irreps_in.dim), edges.kernel_in: (E, irreps_kernel_in.dim) -> (E, irreps_out.dim)
+    """
+
+    def __init__(
+        self,
+        irreps_in: o3.Irreps,
+        irreps_out: o3.Irreps,
+        irreps_kernel_in: o3.Irreps,
+        form: str = "factorised",
+        mlp_width: int = 8,
+        mlp_layers: int = 2,
+        batch_norm: bool = False,
+    ):
+        super().__init__()
+        if form not in ("full", "factorised"):
+            raise ValueError(f"form must be 'full' or 'factorised', got {form!r}")
+        self.form = form
+        self.irreps_in = o3.Irreps(irreps_in)
+        blocks = kernel_irreps(self.irreps_in, irreps_out)
+        self.lmax_band = max(ir.l for ir in blocks)
+        lmax_input = max((ir.l for _, ir in o3.Irreps(irreps_kernel_in)), default=0)
+        if lmax_input < self.lmax_band:
+            raise ValueError(
+                f"the kernel input reaches l = {lmax_input} but rho_in (x) rho_out needs l = {self.lmax_band}: "
+                f"build the EdgeEmbedding with lmax >= {self.lmax_band}"
+            )
+        hidden = irreps_up_to(mlp_width, self.lmax_band, "both")
+        if form == "full":
+            irreps_h = o3.Irreps([(mlp_width, ir) for ir in blocks])
+            self.mlp = EquivariantMLP(irreps_kernel_in, hidden, irreps_h, mlp_layers, batch_norm)
+            self.tp = o3.FullyConnectedTensorProduct(self.irreps_in, irreps_h, irreps_out)
+            self.irreps_out = self.tp.irreps_out
+            self.irreps_angular = irreps_h
+        else:
+            self.irreps_angular = o3.Irreps([(1, ir) for ir in blocks])
+            self.tp = channelwise_tensor_product(self.irreps_in, self.irreps_angular, irreps_out)
+            self.irreps_out = self.tp.irreps_out
+            irreps_mlp_out = self.irreps_angular + o3.Irreps(f"{self.tp.weight_numel}x0e")
+            self.mlp = EquivariantMLP(irreps_kernel_in, hidden, irreps_mlp_out, mlp_layers, batch_norm)
+
+    def forward(self, node_feats_src: torch.Tensor, edges: Edges) -> torch.Tensor:
+        h = self.mlp(edges.kernel_in)  # (E, irreps_mlp_out.dim)
+        if self.form == "full":
+            out = self.tp(node_feats_src, h)  # (E, irreps_out.dim)
+        else:
+            angular = h[:, : self.irreps_angular.dim]  # (E, irreps_angular.dim)
+            weights = h[:, self.irreps_angular.dim :]  # (E, tp.weight_numel)
+            out = self.tp(node_feats_src, angular, weights)  # (E, irreps_out.dim)
+        return out * edges.envelope
+
+
+class StandardKernel(nn.Module):
+    """NequIP's kernel: radial MLP weights x spherical harmonics, TP_uvu(f_j, Y(x/|x|); R(|x|)). O(3) only.
+
+    Args:
+        irreps_in: irreps of the source features.
+        irreps_out: irreps allowed in the messages (multiplicities follow irreps_in).
+        irreps_sh: `EdgeEmbedding.irreps_sh`.
+        num_radial: width of `edges.radial`.
+        mlp_width, mlp_layers: hidden width and depth of the radial MLP.
+
+    Shapes:
+        node_feats_src: (E, irreps_in.dim) -> (E, irreps_out.dim)
+    """
+
+    def __init__(
+        self,
+        irreps_in: o3.Irreps,
+        irreps_out: o3.Irreps,
+        irreps_sh: o3.Irreps,
+        num_radial: int,
+        mlp_width: int = 64,
+        mlp_layers: int = 2,
+    ):
+        super().__init__()
+        self.irreps_in = o3.Irreps(irreps_in)
+        self.irreps_sh = o3.Irreps(irreps_sh)
+        self.tp = channelwise_tensor_product(self.irreps_in, self.irreps_sh, irreps_out)
+        self.irreps_out = self.tp.irreps_out
+        self.radial_mlp = enn.FullyConnectedNet(
+            [num_radial] + [mlp_width] * mlp_layers + [self.tp.weight_numel], torch.nn.functional.silu
+        )
+
+    def forward(self, node_feats_src: torch.Tensor, edges: Edges) -> torch.Tensor:
+        weights = self.radial_mlp(edges.radial)  # (E, tp.weight_numel)
+        return self.tp(node_feats_src, edges.sh, weights) * edges.envelope  # (E, irreps_out.dim)
+
+
+def kernel_matrix(kernel: nn.Module, edges: Edges) -> torch.Tensor:
+    """Materialise k(x_e) as a (E, d_out, d_in) matrix by applying the kernel to the basis of rho_in.
+
+    Slow (d_in kernel calls); for tests, plots and small irreps only.
+    """
+    num_edges = edges.vec.shape[0]
+    d_in = kernel.irreps_in.dim
+    eye = torch.eye(d_in, dtype=edges.vec.dtype, device=edges.vec.device)
+    columns = [kernel(eye[a].expand(num_edges, d_in), edges) for a in range(d_in)]  # d_in x (E, d_out)
+    return torch.stack(columns, dim=-1)  # (E, d_out, d_in)

@@ -1,0 +1,80 @@
+"""Equivariant MLP: e3nn Linear layers alternated with gated nonlinearities (optional e3nn BatchNorm)."""
+
+from typing import Iterable
+
+import torch
+from e3nn import nn as enn
+from e3nn import o3
+from torch import nn
+
+
+def irreps_up_to(mul: int, lmax: int, parity: str = "both") -> o3.Irreps:
+    """`mul` copies of every irrep with l <= lmax.
+
+    Args:
+        parity: "both" (0e, 0o, 1o, 1e, ...) or "natural" (0e, 1o, 2e, ...: parity (-1)^l).
+    """
+    if parity not in ("both", "natural"):
+        raise ValueError(f"parity must be 'both' or 'natural', got {parity!r}")
+    out = []
+    for l in range(lmax + 1):
+        natural = (-1) ** l
+        out.append((mul, (l, natural)))
+        if parity == "both":
+            out.append((mul, (l, -natural)))
+    return o3.Irreps(out)
+
+
+def filter_irreps(irreps: o3.Irreps, keep: Iterable[o3.Irrep]) -> o3.Irreps:
+    """The entries of `irreps` whose irrep is in `keep` (order kept)."""
+    keep = set(o3.Irrep(ir) for ir in keep)
+    return o3.Irreps([(mul, ir) for mul, ir in o3.Irreps(irreps) if ir in keep])
+
+
+def make_gate(irreps_out: o3.Irreps) -> enn.Gate:
+    """Gate whose output irreps are `irreps_out` (scalars first, in its own order).
+
+    Even scalars use SiLU, odd scalars tanh (odd, so 0o stays 0o); every l > 0 channel is multiplied
+    by sigmoid of its own extra 0e gate. Feed the gate tensors laid out as `gate.irreps_in` (e3nn sorts it).
+    """
+    irreps_out = o3.Irreps(irreps_out).simplify()
+    scalars = o3.Irreps([(mul, ir) for mul, ir in irreps_out if ir.l == 0])
+    gated = o3.Irreps([(mul, ir) for mul, ir in irreps_out if ir.l > 0])
+    acts = [torch.nn.functional.silu if ir.p == 1 else torch.tanh for _, ir in scalars]
+    gates = o3.Irreps(f"{gated.num_irreps}x0e") if gated.num_irreps > 0 else o3.Irreps("")
+    return enn.Gate(scalars, acts, gates, [torch.sigmoid] if gated.num_irreps > 0 else [], gated)
+
+
+class EquivariantMLP(nn.Module):
+    """O(3)-equivariant MLP: [Linear -> Gate (-> BatchNorm)] x num_layers -> Linear.
+
+    Fed constant reference tensors among its inputs, it is equivariant to their stabiliser G.
+
+    Shapes:
+        x: (B, irreps_in.dim) -> (B, irreps_out.dim)
+    """
+
+    def __init__(
+        self,
+        irreps_in: o3.Irreps,
+        irreps_hidden: o3.Irreps,
+        irreps_out: o3.Irreps,
+        num_layers: int = 2,
+        batch_norm: bool = False,
+    ):
+        super().__init__()
+        self.irreps_in = o3.Irreps(irreps_in)
+        self.irreps_out = o3.Irreps(irreps_out)
+        layers = []
+        irreps = self.irreps_in
+        for _ in range(num_layers):
+            gate = make_gate(irreps_hidden)
+            layers += [o3.Linear(irreps, gate.irreps_in, biases=True), gate]
+            if batch_norm:
+                layers.append(enn.BatchNorm(gate.irreps_out))
+            irreps = gate.irreps_out
+        layers.append(o3.Linear(irreps, self.irreps_out, biases=True))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
