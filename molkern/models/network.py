@@ -7,6 +7,7 @@ from e3nn import o3
 from torch import nn
 
 from .. import groups as groups_lib
+from ..nn.eager import eager_e3nn
 from ..nn import (
     EdgeEmbedding,
     ImplicitKernel,
@@ -45,6 +46,7 @@ class MolkernNet(nn.Module):
         edge_attrs: (E, irreps_edge_attr.dim), batch: (N,) -> (num_graphs, irreps_out.dim) or (N, irreps_out.dim)
     """
 
+    @eager_e3nn
     def __init__(
         self,
         irreps_node_attr: Union[str, o3.Irreps] = "5x0e",

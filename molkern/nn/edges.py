@@ -8,6 +8,7 @@ from e3nn import o3
 from torch import nn
 
 from .radial import BesselBasis, PolynomialCutoff
+from .eager import eager_e3nn
 
 
 class Edges(NamedTuple):
@@ -51,7 +52,8 @@ class EdgeEmbedding(nn.Module):
 
     The implicit kernel's MLP input (`kernel_in`) is the direct sum of
       * the radial basis of |x| (num_radial x 0e) and the scalar attributes (edge z_ij, source z_j, target z_i),
-      * the harmonic polynomials of x / cutoff, l = 1..lmax, batch-normalised (e3nn BatchNorm),
+      * the harmonic polynomials of x / cutoff, l = 1..max(lmax, largest l of the references and
+        attributes), batch-normalised (e3nn BatchNorm),
       * the group's reference tensors and the non-scalar attributes ("vector inputs" V),
       * the products V (x) [harmonics, attribute vectors] up to l = lmax (no weights; the references
         squared would be constants), so that the MLP sees invariants
@@ -72,6 +74,7 @@ class EdgeEmbedding(nn.Module):
         edge_index: (2, E) -> Edges
     """
 
+    @eager_e3nn
     def __init__(
         self,
         cutoff: float,
@@ -94,6 +97,8 @@ class EdgeEmbedding(nn.Module):
         self.envelope = PolynomialCutoff(cutoff)
         self.kernel_input = kernel_input
 
+        edge_s, edge_v, self._edge_mask = _split_scalars(self.irreps_edge_attr)
+        node_s, node_v, self._node_mask = _split_scalars(self.irreps_node_attr)
         irreps_ref = o3.Irreps(group.irreps_ref) if group is not None else o3.Irreps("")
         refs = group.references.to(torch.float64).clone() if group is not None else torch.zeros(0)
         for sl in irreps_ref.slices():  # unit RMS per irrep: scale does not change the stabiliser
@@ -102,9 +107,9 @@ class EdgeEmbedding(nn.Module):
         self.register_buffer("references", refs.to(torch.get_default_dtype()))
         self.irreps_ref = irreps_ref
 
-        edge_s, edge_v, self._edge_mask = _split_scalars(self.irreps_edge_attr)
-        node_s, node_v, self._node_mask = _split_scalars(self.irreps_node_attr)
-        self.irreps_harmonics = o3.Irreps.spherical_harmonics(self.lmax)[1:]  # l = 1..lmax
+        # harmonics reach the references' degree too, so that e.g. Re((x+iy)^4) . Y_4(x) gives C_4 invariants
+        lmax_vectors = max([ir.l for _, ir in irreps_ref + edge_v + node_v], default=0)
+        self.irreps_harmonics = o3.Irreps.spherical_harmonics(max(self.lmax, lmax_vectors))[1:]  # l >= 1
         scale = [((2 * ir.l + 3) / 3) ** 0.5 for _, ir in self.irreps_harmonics for _ in range(ir.dim)]
         self.register_buffer("harmonics_scale", torch.tensor(scale, dtype=torch.get_default_dtype()))
         self.harmonics_norm = enn.BatchNorm(self.irreps_harmonics) if batch_norm and self.lmax > 0 else None
@@ -120,7 +125,14 @@ class EdgeEmbedding(nn.Module):
         else:
             self.products = None
             irreps_products = o3.Irreps("")
-        self.irreps_kernel_in = self.irreps_scalars + self.irreps_harmonics + self.irreps_vectors + irreps_products
+        # sort the concatenation by irrep so the kernel MLP's first Linear sees few, wide blocks
+        irreps_cat = self.irreps_scalars + self.irreps_harmonics + self.irreps_vectors + irreps_products
+        irreps_sorted, perm, _ = irreps_cat.sort()
+        slices = irreps_cat.slices()
+        inverse = {p: i for i, p in enumerate(perm)}
+        columns = [c for k in range(len(irreps_cat)) for c in range(*slices[inverse[k]].indices(irreps_cat.dim))]
+        self.register_buffer("_sort_columns", torch.tensor(columns, dtype=torch.long), persistent=False)
+        self.irreps_kernel_in = irreps_sorted.simplify()
 
     def forward(
         self,
@@ -170,5 +182,5 @@ class EdgeEmbedding(nn.Module):
         parts = scalars + [harmonics, vectors]
         if self.products is not None:
             parts.append(self.products(vectors, torch.cat([harmonics, vectors[:, self._num_ref :]], dim=-1)))
-        kernel_in = torch.cat(parts, dim=-1)  # (E, irreps_kernel_in.dim)
+        kernel_in = torch.index_select(torch.cat(parts, dim=-1), 1, self._sort_columns)  # (E, irreps_kernel_in.dim)
         return Edges(edge_vec, length, envelope, radial, sh, kernel_in)

@@ -7,6 +7,7 @@ from torch import nn
 from .conv import SteerableConv
 from .edges import Edges
 from .mlp import make_gate
+from .eager import eager_e3nn
 
 
 class InteractionBlock(nn.Module):
@@ -26,6 +27,7 @@ class InteractionBlock(nn.Module):
         node_feats: (N, irreps_in.dim), node_attrs: (N, irreps_node_attr.dim) -> (N, irreps_out.dim)
     """
 
+    @eager_e3nn
     def __init__(
         self,
         irreps_in: o3.Irreps,

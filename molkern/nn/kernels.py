@@ -13,6 +13,7 @@ from torch import nn
 
 from .edges import Edges
 from .mlp import EquivariantMLP, irreps_up_to
+from .eager import eager_e3nn
 
 
 def kernel_irreps(irreps_in: o3.Irreps, irreps_out: o3.Irreps) -> List[o3.Irrep]:
@@ -76,6 +77,7 @@ class ImplicitKernel(nn.Module):
         node_feats_src: (E, irreps_in.dim), edges.kernel_in: (E, irreps_kernel_in.dim) -> (E, irreps_out.dim)
     """
 
+    @eager_e3nn
     def __init__(
         self,
         irreps_in: o3.Irreps,
@@ -138,6 +140,7 @@ class StandardKernel(nn.Module):
         node_feats_src: (E, irreps_in.dim) -> (E, irreps_out.dim)
     """
 
+    @eager_e3nn
     def __init__(
         self,
         irreps_in: o3.Irreps,
@@ -164,10 +167,12 @@ class StandardKernel(nn.Module):
 def kernel_matrix(kernel: nn.Module, edges: Edges) -> torch.Tensor:
     """Materialise k(x_e) as a (E, d_out, d_in) matrix by applying the kernel to the basis of rho_in.
 
-    Slow (d_in kernel calls); for tests, plots and small irreps only.
+    Costs d_in kernel evaluations per edge; for tests, plots and small irreps only.
     """
     num_edges = edges.vec.shape[0]
     d_in = kernel.irreps_in.dim
     eye = torch.eye(d_in, dtype=edges.vec.dtype, device=edges.vec.device)
-    columns = [kernel(eye[a].expand(num_edges, d_in), edges) for a in range(d_in)]  # d_in x (E, d_out)
-    return torch.stack(columns, dim=-1)  # (E, d_out, d_in)
+    basis = eye.repeat_interleave(num_edges, dim=0)  # (d_in * E, d_in)
+    repeated = Edges(*[None if t is None else t.repeat((d_in,) + (1,) * (t.dim() - 1)) for t in edges])
+    columns = kernel(basis, repeated).view(d_in, num_edges, -1)  # (d_in, E, d_out)
+    return columns.permute(1, 2, 0)  # (E, d_out, d_in)

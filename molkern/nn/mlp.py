@@ -6,6 +6,7 @@ import torch
 from e3nn import nn as enn
 from e3nn import o3
 from torch import nn
+from .eager import eager_e3nn
 
 
 def irreps_up_to(mul: int, lmax: int, parity: str = "both") -> o3.Irreps:
@@ -54,6 +55,7 @@ class EquivariantMLP(nn.Module):
         x: (B, irreps_in.dim) -> (B, irreps_out.dim)
     """
 
+    @eager_e3nn
     def __init__(
         self,
         irreps_in: o3.Irreps,

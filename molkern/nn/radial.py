@@ -7,7 +7,7 @@ from torch import nn
 
 
 class PolynomialCutoff(nn.Module):
-    """Smooth envelope u(r) that is 1 at r = 0 and vanishes with its first p-1 derivatives at r = cutoff.
+    """Smooth envelope u(r): 1 at r = 0; u, du/dr and d2u/dr2 vanish at r = cutoff (NequIP, DimeNet).
 
     u(r) = 1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2) for x = r / cutoff < 1, else 0.
 

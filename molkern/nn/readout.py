@@ -8,6 +8,7 @@ from torch import nn
 
 from .mlp import EquivariantMLP
 from .scatter import scatter_mean, scatter_sum
+from .eager import eager_e3nn
 
 POOLINGS = ("sum", "mean", None)
 
@@ -22,6 +23,7 @@ class Readout(nn.Module):
         node_feats: (N, irreps_in.dim), batch: (N,) -> (num_graphs, irreps_out.dim) or (N, irreps_out.dim)
     """
 
+    @eager_e3nn
     def __init__(self, irreps_in: o3.Irreps, irreps_out: o3.Irreps, pooling: Optional[str] = "sum", hidden: int = 16):
         super().__init__()
         if pooling not in POOLINGS:

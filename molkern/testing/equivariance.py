@@ -28,7 +28,8 @@ def _transform(x, spec: ArgSpec, R: torch.Tensor, shift: torch.Tensor):
 
 
 def _as_tuple(x):
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    """Outputs or output specs as a tuple (an o3.Irreps is itself a tuple: keep it whole)."""
+    return tuple(x) if isinstance(x, (tuple, list)) and not isinstance(x, o3.Irreps) else (x,)
 
 
 def equivariance_error(
@@ -56,7 +57,7 @@ def equivariance_error(
     if len(args_in) != len(irreps_in):
         raise ValueError(f"got {len(args_in)} inputs but {len(irreps_in)} irreps_in entries")
     out = _as_tuple(func(*args_in))
-    specs_out = _as_tuple(irreps_out) if isinstance(irreps_out, (tuple, list)) else (irreps_out,)
+    specs_out = _as_tuple(irreps_out)
     if len(specs_out) != len(out):
         raise ValueError(f"func returned {len(out)} outputs but irreps_out has {len(specs_out)} entries")
     errors = []

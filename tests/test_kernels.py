@@ -1,0 +1,123 @@
+"""Lemma 1 (kernel steerability) for every group and both implicit forms; full kernel == slow reference."""
+
+import pytest
+import torch
+
+from molkern.nn import EdgeEmbedding, ImplicitKernel, StandardKernel, kernel_matrix
+from molkern.testing import full_kernel_reference, kernel_steerability_error
+import molkern.groups as groups
+
+from conftest import ALL_PARITIES, GROUP_CASES, make_group
+
+EDGE_ATTRS = "2x0e+1x1o"
+NODE_ATTRS = "2x0e+1x1e"
+
+
+# every parity, split between input and output to keep the tensor products small
+IRREPS_IN, IRREPS_OUT = "0e+1e+2o", "0o+1o+2e"
+
+
+def setup(group, form, irreps_in=IRREPS_IN, irreps_out=IRREPS_OUT, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    emb = EdgeEmbedding(5.0, lmax=4, group=group, irreps_edge_attr=EDGE_ATTRS, irreps_node_attr=NODE_ATTRS).eval()
+    kernel = ImplicitKernel(irreps_in, irreps_out, emb.irreps_kernel_in, form=form, mlp_width=4).eval()
+    num_nodes, num_edges = 5, 9
+    inputs = dict(
+        edge_vec=torch.randn(num_edges, 3) * 1.5,
+        edge_attrs=torch.randn(num_edges, emb.irreps_edge_attr.dim),
+        node_attrs=torch.randn(num_nodes, emb.irreps_node_attr.dim),
+        edge_index=torch.randint(0, num_nodes, (2, num_edges)),
+    )
+    torch.set_default_dtype(default)
+    return emb, kernel, inputs
+
+
+@pytest.mark.parametrize("form", ["factorised", "full"])
+@pytest.mark.parametrize("name", list(GROUP_CASES))
+def test_lemma1_steerable_in_group_and_broken_outside(name, form):
+    """k(g.x, rho_z(g) z) = rho_out(g) k(x, z) rho_in(g)^-1 for g in G (float64 and float32), not outside G."""
+    group, R_out = make_group(name)
+    emb, kernel, inputs = setup(group, form)
+    for dtype, tol in [(torch.float64, 1e-9), (torch.float32, 1e-4)]:
+        emb, kernel = emb.to(dtype), kernel.to(dtype)
+        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        rotations = group.sample(3, generator=torch.Generator().manual_seed(1))
+        errors = kernel_steerability_error(kernel, emb, rotations, **inputs)
+        assert errors.max() < tol, f"{group!r} {form} {dtype}: {errors}"
+        if R_out is not None:
+            broken = kernel_steerability_error(kernel, emb, R_out[None], **inputs)
+            assert broken.min() > 1e-2, f"{group!r} {form} should break outside the group: {broken}"
+
+
+def test_full_kernel_equals_reference_that_materialises_the_matrix(dtype):
+    group, _ = make_group("so2")
+    emb, kernel, inputs = setup(group, "full", irreps_in="2x0e+0o+1o+1e+2e", irreps_out="0e+1o+1e+2o", dtype=dtype)
+    edges = emb(**inputs)
+    K = kernel_matrix(kernel, edges)
+    K_ref = full_kernel_reference(kernel, edges)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert K.abs().max() > 0.1
+    assert (K - K_ref).abs().max() < tol * K.abs().max()
+
+
+@pytest.mark.parametrize("form", ["factorised", "full"])
+def test_band_limit_no_block_identically_zero(form):
+    """2e -> 2e kernels need harmonics up to l = 4; the l = 4 part of the kernel must be present."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        emb = EdgeEmbedding(5.0, lmax=4).eval()
+        kernel = ImplicitKernel("1x2e", "1x2e", emb.irreps_kernel_in, form=form).eval()
+        vec = torch.randn(64, 3)
+        K = kernel_matrix(kernel, emb(vec)).reshape(64, -1, 5, 5)  # (E, output copies of 2e, 5, 5)
+        # project each kernel on the l = 4 component of 2e (x) 2e via the Clebsch-Gordan coefficients
+        from e3nn import o3
+
+        C4 = o3.wigner_3j(2, 2, 4)  # (5, 5, 9)
+        l4 = torch.einsum("ecij,ijk->eck", K, C4)
+        assert l4.abs().max() > 1e-3 * K.abs().max()
+        with pytest.raises(ValueError, match="lmax >= 4"):
+            ImplicitKernel("1x2e", "1x2e", EdgeEmbedding(5.0, lmax=2).irreps_kernel_in, form=form)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize(
+    "name, params, vec2, differs",
+    [
+        ("so2", {}, [0.0, 0.0, 1.5], True),
+        ("o3", {}, [0.0, 0.0, 1.5], False),
+        ("cn", {"n": 4}, [1.5 * 0.5**0.5, 1.5 * 0.5**0.5, 0.0], True),  # 45 degrees apart in the XY plane
+        ("cn", {"n": 4}, [0.0, 1.5, 0.0], False),  # 90 degrees apart: a C4 element maps one to the other
+    ],
+)
+def test_subgroup_kernel_scalars_see_direction(name, params, vec2, differs):
+    """Design check: invariant (0e -> 0e) kernel channels of a subgroup depend on the direction, not only |x|.
+
+    SO(2) tells (1,0,0) from (0,0,1); C4 tells directions 45 degrees apart even at a low band limit
+    (the harmonics reach the references' degree); O(3) kernels see only |x|.
+    """
+    vec = torch.tensor([[1.5, 0.0, 0.0], vec2])
+    torch.manual_seed(0)
+    emb = EdgeEmbedding(5.0, lmax=2, group=groups.get(name, **params)).eval()
+    kernel = ImplicitKernel("4x0e", "4x0e", emb.irreps_kernel_in).eval()
+    out = kernel(torch.ones(2, 4), emb(vec))
+    gap = (out[0] - out[1]).abs().max() / out.abs().max()
+    assert (gap > 1e-2) if differs else (gap < 1e-5), (name, params, gap)
+
+
+def test_standard_kernel_is_o3_steerable(dtype):
+    emb = EdgeEmbedding(5.0, lmax=2, kernel_input=False)
+    kernel = StandardKernel(ALL_PARITIES, ALL_PARITIES, emb.irreps_sh, num_radial=8)
+    vec = torch.randn(6, 3) * 2
+    errors = kernel_steerability_error(kernel, emb, groups.get("o3").sample(3), vec)
+    assert errors.max() < (1e-9 if dtype == torch.float64 else 1e-4)
+
+
+def test_bad_form_and_attrs():
+    emb = EdgeEmbedding(5.0, lmax=2, irreps_edge_attr="4x0e")
+    with pytest.raises(ValueError, match="form"):
+        ImplicitKernel("1x0e", "1x0e", emb.irreps_kernel_in, form="dense")
+    with pytest.raises(ValueError, match="edge_attrs"):
+        emb(torch.randn(3, 3), torch.randn(3, 5))

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+import molkern.groups as groups
+from molkern.nn import BesselBasis, EquivariantMLP, PolynomialCutoff, irreps_up_to, make_gate
+from molkern.testing import assert_equivariant
+
+from conftest import ALL_PARITIES
+
+
+def test_cutoff_is_smooth_and_vanishes():
+    u = PolynomialCutoff(cutoff=4.0, p=6)
+    r = torch.linspace(0, 5, 501, dtype=torch.float64, requires_grad=True)
+    y = u(r)
+    assert y[0] == 1.0 and torch.all(y[r >= 4.0] == 0)
+    (grad,) = torch.autograd.grad(y.sum(), r)
+    assert grad[r >= 4.0].abs().max() == 0
+    r_c = torch.tensor([4.0 - 1e-3], dtype=torch.float64, requires_grad=True)
+    (g_c,) = torch.autograd.grad(u(r_c).sum(), r_c)
+    assert g_c.abs() < 1e-4  # the slope goes to zero at the cutoff (forces stay continuous)
+
+
+def test_bessel_basis_shape_and_scale():
+    b = BesselBasis(cutoff=5.0, num_basis=8)
+    r = 5.0 * torch.rand(200000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).pow(1 / 3)
+    y = b(r)
+    assert y.shape == (200000, 8) and torch.isfinite(y).all()
+    assert torch.allclose(y.pow(2).mean(0), torch.ones(8, dtype=torch.float64), atol=0.05)
+    assert torch.isfinite(b(torch.zeros(1, dtype=torch.float64))).all()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="cutoff"):
+        PolynomialCutoff(0.0)
+    with pytest.raises(ValueError, match="parity"):
+        irreps_up_to(2, 1, "odd")
+
+
+def test_gate_layout_with_every_parity(dtype):
+    """e3nn's Gate sorts its input irreps: the MLP must feed it gate.irreps_in (every parity catches this)."""
+    gate = make_gate(ALL_PARITIES)
+    x = torch.randn(5, gate.irreps_in.dim)
+    assert_equivariant(gate, groups.get("o3"), [x], [gate.irreps_in], gate.irreps_out)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_equivariant_mlp(dtype, batch_norm):
+    mlp = EquivariantMLP("2x0e+" + ALL_PARITIES, irreps_up_to(4, 2), ALL_PARITIES, num_layers=2, batch_norm=batch_norm)
+    mlp.eval()
+    x = torch.randn(7, mlp.irreps_in.dim)
+    assert_equivariant(mlp, groups.get("o3"), [x], [mlp.irreps_in], mlp.irreps_out)
