@@ -151,15 +151,17 @@ def main():
     pos, edge_index = qm9_like_batch(PER, dtype)
     emb_std = EdgeEmbedding(CUTOFF, lmax, num_radial=8, kernel_input=False)
     emb_band = EdgeEmbedding(CUTOFF, band, num_radial=8, kernel_input=False)
-    emb_imp = EdgeEmbedding(CUTOFF, band, num_radial=8, kernel_input=True)
+    # as in MolkernNet: the kernel MLP's trunk (2 gated layers) runs once per forward in the shared front,
+    # each layer's implicit kernel keeps a Linear head of its own
+    emb_imp = EdgeEmbedding(CUTOFF, band, num_radial=8, kernel_input=True, trunk_width=8, trunk_layers=2)
     kernels = {
         "standard": (lambda: StandardKernel(irreps, irreps, emb_std.irreps_sh, 8, mlp_width=64), emb_std),
         "standard kernel at the implicit band": (
             lambda: StandardKernel(irreps, irreps, emb_band.irreps_sh, 8, mlp_width=64), emb_band),
         "implicit factorised": (lambda: ImplicitKernel(
-            irreps, irreps, emb_imp.irreps_kernel_in, "factorised", mlp_width=8, mlp_layers=2), emb_imp),
+            irreps, irreps, emb_imp.irreps_kernel_in, "factorised", mlp_width=8, mlp_layers=0), emb_imp),
         "implicit full": (lambda: ImplicitKernel(
-            irreps, irreps, emb_imp.irreps_kernel_in, "full", mlp_width=8, mlp_layers=2), emb_imp),
+            irreps, irreps, emb_imp.irreps_kernel_in, "full", mlp_width=8, mlp_layers=0), emb_imp),
     }
 
     cases = []
@@ -176,7 +178,7 @@ def main():
                 note = f"timed on E={ei.shape[1]} (projected {seconds:.0f} s, {megabytes:.0f} MB per call at full E), scaled"
         cases.append((name, conv_case(make_kernel, emb, p, ei, irreps), note))
     for name, emb in [("edge embedding (shared, once per forward): standard front", emb_std),
-                      (f"edge embedding (shared, once per forward): implicit front (lmax={band})", emb_imp)]:
+                      (f"edge embedding (shared, once per forward): implicit front + trunk (lmax={band})", emb_imp)]:
         cases.append((name, embedding_case(emb, pos, edge_index), ""))
     rows = measure(cases, args.repeats)
     ref = rows[0]["fwd_bwd_ms_per_10k"]

@@ -36,7 +36,9 @@ class MolkernNet(nn.Module):
         parity: "natural" (0e, 1o, 2e, ...) or "both" hidden parities.
         num_layers: number of interaction blocks.
         cutoff: Angstrom; num_radial: Bessel functions.
-        kernel_mlp_width / kernel_mlp_layers: hidden multiplicity and depth of the kernel MLP.
+        kernel_mlp_width: multiplicity of each hidden irrep of the kernel MLP.
+        kernel_trunk_layers: gated layers of the kernel MLP shared by all blocks (run once per forward).
+        kernel_head_layers: gated layers of each block's own kernel head (0: a Linear head).
         kernel_batch_norm: batch-normalise the harmonic polynomials fed to the kernel MLP.
         kernel_node_attrs: feed node attributes of both ends to the kernel MLP.
         avg_num_neighbors: normalisation of the neighbour sum (see `average_num_neighbors`).
@@ -62,7 +64,8 @@ class MolkernNet(nn.Module):
         cutoff: float = 5.0,
         num_radial: int = 8,
         kernel_mlp_width: int = 8,
-        kernel_mlp_layers: int = 2,
+        kernel_trunk_layers: int = 2,
+        kernel_head_layers: int = 0,
         kernel_batch_norm: bool = True,
         kernel_node_attrs: bool = True,
         avg_num_neighbors: float = 1.0,
@@ -90,6 +93,8 @@ class MolkernNet(nn.Module):
             irreps_node_attr=self.irreps_node_attr if implicit and kernel_node_attrs else "",
             batch_norm=kernel_batch_norm,
             kernel_input=implicit,
+            trunk_width=kernel_mlp_width,
+            trunk_layers=kernel_trunk_layers if implicit else 0,
         )
         if not implicit and self.irreps_edge_attr.dim > 0:
             raise ValueError("the standard kernel takes no edge attributes; use an implicit kernel")
@@ -100,7 +105,7 @@ class MolkernNet(nn.Module):
             if implicit:
                 k = ImplicitKernel(
                     irreps, self.irreps_hidden, self.edge_embedding.irreps_kernel_in, kernel,
-                    kernel_mlp_width, kernel_mlp_layers,
+                    kernel_mlp_width, kernel_head_layers,
                 )
             else:
                 k = StandardKernel(irreps, self.irreps_hidden, self.edge_embedding.irreps_sh, num_radial)

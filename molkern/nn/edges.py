@@ -7,6 +7,7 @@ from e3nn import nn as enn
 from e3nn import o3
 from torch import nn
 
+from .mlp import EquivariantMLP, irreps_up_to
 from .radial import BesselBasis, PolynomialCutoff
 from .eager import eager_e3nn
 
@@ -20,7 +21,8 @@ class Edges(NamedTuple):
         envelope: (E, 1) smooth cutoff u(|x|), 0 at the cutoff.
         radial: (E, num_radial) Bessel radial basis.
         sh: (E, irreps_sh.dim) spherical harmonics of the direction, l = 0..lmax ("component" normalised).
-        kernel_in: (E, irreps_kernel_in.dim) input of the implicit kernel MLP, or None.
+        kernel_in: (E, irreps_kernel_in.dim) input of the implicit kernels' heads (the front features, or the
+            output of the shared MLP trunk when there is one), or None.
     """
 
     vec: torch.Tensor
@@ -68,6 +70,9 @@ class EdgeEmbedding(nn.Module):
         irreps_node_attr: irreps of per-node attributes z_i fed to the kernel at both ends (e.g. "5x0e").
         batch_norm: batch-normalise the harmonic polynomials.
         kernel_input: build `kernel_in` (set False when only standard kernels are used).
+        trunk_width, trunk_layers: an optional gated MLP trunk (trunk_width copies of every irrep up to
+            l = lmax, both parities) run once per forward on the front features and shared by the kernels
+            of all layers, each of which keeps only a small head of its own. 0 layers: no trunk.
 
     Shapes:
         edge_vec: (E, 3), edge_attrs: (E, irreps_edge_attr.dim), node_attrs: (N, irreps_node_attr.dim),
@@ -85,6 +90,8 @@ class EdgeEmbedding(nn.Module):
         irreps_node_attr: o3.Irreps = "",
         batch_norm: bool = True,
         kernel_input: bool = True,
+        trunk_width: int = 8,
+        trunk_layers: int = 0,
     ):
         super().__init__()
         self.cutoff = float(cutoff)
@@ -132,7 +139,12 @@ class EdgeEmbedding(nn.Module):
         inverse = {p: i for i, p in enumerate(perm)}
         columns = [c for k in range(len(irreps_cat)) for c in range(*slices[inverse[k]].indices(irreps_cat.dim))]
         self.register_buffer("_sort_columns", torch.tensor(columns, dtype=torch.long), persistent=False)
-        self.irreps_kernel_in = irreps_sorted.simplify()
+        self.irreps_front = irreps_sorted.simplify()
+        self.trunk = None
+        if trunk_layers > 0:
+            hidden = irreps_up_to(trunk_width, self.lmax, "both")
+            self.trunk = EquivariantMLP(self.irreps_front, hidden, None, trunk_layers)
+        self.irreps_kernel_in = self.trunk.irreps_out if self.trunk is not None else self.irreps_front
 
     def forward(
         self,
@@ -182,5 +194,7 @@ class EdgeEmbedding(nn.Module):
         parts = scalars + [harmonics, vectors]
         if self.products is not None:
             parts.append(self.products(vectors, torch.cat([harmonics, vectors[:, self._num_ref :]], dim=-1)))
-        kernel_in = torch.index_select(torch.cat(parts, dim=-1), 1, self._sort_columns)  # (E, irreps_kernel_in.dim)
+        kernel_in = torch.index_select(torch.cat(parts, dim=-1), 1, self._sort_columns)  # (E, irreps_front.dim)
+        if self.trunk is not None:
+            kernel_in = self.trunk(kernel_in)  # (E, irreps_kernel_in.dim)
         return Edges(edge_vec, length, envelope, radial, sh, kernel_in)

@@ -1,6 +1,6 @@
 """Equivariant MLP: e3nn Linear layers alternated with gated nonlinearities (optional e3nn BatchNorm)."""
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from e3nn import nn as enn
@@ -50,6 +50,7 @@ class EquivariantMLP(nn.Module):
     """O(3)-equivariant MLP: [Linear -> Gate (-> BatchNorm)] x num_layers -> Linear.
 
     Fed constant reference tensors among its inputs, it is equivariant to their stabiliser G.
+    With irreps_out=None the final Linear is left out (a trunk whose output is the last hidden layer).
 
     Shapes:
         x: (B, irreps_in.dim) -> (B, irreps_out.dim)
@@ -60,13 +61,12 @@ class EquivariantMLP(nn.Module):
         self,
         irreps_in: o3.Irreps,
         irreps_hidden: o3.Irreps,
-        irreps_out: o3.Irreps,
+        irreps_out: Optional[o3.Irreps],
         num_layers: int = 2,
         batch_norm: bool = False,
     ):
         super().__init__()
         self.irreps_in = o3.Irreps(irreps_in)
-        self.irreps_out = o3.Irreps(irreps_out)
         layers = []
         irreps = self.irreps_in
         for _ in range(num_layers):
@@ -75,7 +75,10 @@ class EquivariantMLP(nn.Module):
             if batch_norm:
                 layers.append(enn.BatchNorm(gate.irreps_out))
             irreps = gate.irreps_out
-        layers.append(o3.Linear(irreps, self.irreps_out, biases=True))
+        if irreps_out is not None:
+            layers.append(o3.Linear(irreps, irreps_out, biases=True))
+            irreps = o3.Irreps(irreps_out)
+        self.irreps_out = irreps
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
