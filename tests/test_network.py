@@ -136,3 +136,15 @@ def test_bad_configuration_and_input_errors():
     pos, attrs, edge_index = molecule_graph("H2O")
     with pytest.raises(ValueError, match="node_attrs"):
         net(pos, attrs[:, :3], edge_index)
+
+
+def test_build_model_from_config():
+    from molkern.models import build_model
+
+    model = build_model({"group": {"name": "cn", "n": 4}, "lmax": 1, "num_channels": 4, "num_layers": 1})
+    assert model.group.name == "cn" and model.group.params["n"] == 4
+    assert model.config["num_channels"] == 4
+    with pytest.raises(ValueError, match="unknown model config key.*num_chanels"):
+        build_model({"num_chanels": 4})
+    with pytest.raises(ValueError, match="needs a 'name'"):
+        build_model({"group": {"n": 4}})
