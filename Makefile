@@ -23,8 +23,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m molkern.demo
 
+# glibc returning freed memory to the OS makes fresh large tensors ~5x slower: keep it for benchmark runs
 bench: $(STAMP)
-	$(BIN)/python benchmarks/kernels.py
+	MALLOC_MMAP_THRESHOLD_=1000000000000 MALLOC_TRIM_THRESHOLD_=1000000000000 $(BIN)/python benchmarks/kernels.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
