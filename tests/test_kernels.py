@@ -121,3 +121,21 @@ def test_bad_form_and_attrs():
         ImplicitKernel("1x0e", "1x0e", emb.irreps_kernel_in, form="dense")
     with pytest.raises(ValueError, match="edge_attrs"):
         emb(torch.randn(3, 3), torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("form", ["factorised", "full"])
+def test_parity_blocks_kept_exactly_where_the_group_allows_them(form):
+    """1o -> 1o kernels: the 1e (antisymmetric) block needs a pseudovector such as x X a. O(3) kernels of x alone
+    have none (it is left out as identically zero); SO(2) kernels must keep it."""
+    vec = torch.randn(16, 3, dtype=torch.float64)
+    for name, has_1e in [("o3", False), ("so2", True)]:
+        torch.set_default_dtype(torch.float64)
+        try:
+            torch.manual_seed(0)
+            emb = EdgeEmbedding(5.0, lmax=2, group=groups.get(name)).eval()
+            kernel = ImplicitKernel("1x1o", "1x1o", emb.irreps_kernel_in, form=form).eval()
+            K = kernel_matrix(kernel, emb(vec)).reshape(16, -1, 3, 3)  # (E, output copies, 3, 3)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        antisymmetric = (K - K.transpose(-1, -2)).abs().max() / K.abs().max()
+        assert (antisymmetric > 1e-2) if has_1e else (antisymmetric < 1e-12), (name, antisymmetric)

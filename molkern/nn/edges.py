@@ -7,7 +7,7 @@ from e3nn import nn as enn
 from e3nn import o3
 from torch import nn
 
-from .mlp import EquivariantMLP, irreps_up_to
+from .mlp import EquivariantMLP, filter_irreps, irreps_up_to, reachable_irreps
 from .radial import BesselBasis, PolynomialCutoff
 from .eager import eager_e3nn
 
@@ -70,8 +70,8 @@ class EdgeEmbedding(nn.Module):
         irreps_node_attr: irreps of per-node attributes z_i fed to the kernel at both ends (e.g. "5x0e").
         batch_norm: batch-normalise the harmonic polynomials.
         kernel_input: build `kernel_in` (set False when only standard kernels are used).
-        trunk_width, trunk_layers: an optional gated MLP trunk (trunk_width copies of every irrep up to
-            l = lmax, both parities) run once per forward on the front features and shared by the kernels
+        trunk_width, trunk_layers: an optional gated MLP trunk (trunk_width copies of every irrep type up to
+            l = lmax that the front contains) run once per forward on the front features and shared by the kernels
             of all layers, each of which keeps only a small head of its own. 0 layers: no trunk.
 
     Shapes:
@@ -142,7 +142,8 @@ class EdgeEmbedding(nn.Module):
         self.irreps_front = irreps_sorted.simplify()
         self.trunk = None
         if trunk_layers > 0:
-            hidden = irreps_up_to(trunk_width, self.lmax, "both")
+            # only irrep types present in the front can be non-zero (Linear and Gate keep types)
+            hidden = filter_irreps(irreps_up_to(trunk_width, self.lmax, "both"), reachable_irreps(self.irreps_front))
             self.trunk = EquivariantMLP(self.irreps_front, hidden, None, trunk_layers)
         self.irreps_kernel_in = self.trunk.irreps_out if self.trunk is not None else self.irreps_front
 

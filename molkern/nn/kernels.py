@@ -12,7 +12,7 @@ from e3nn import o3
 from torch import nn
 
 from .edges import Edges
-from .mlp import EquivariantMLP, irreps_up_to
+from .mlp import EquivariantMLP, filter_irreps, irreps_up_to, reachable_irreps
 from .eager import eager_e3nn
 
 
@@ -61,7 +61,9 @@ class ImplicitKernel(nn.Module):
         "factorised": the MLP emits one angular vector a_ij (one copy of every irrep in rho_in (x) rho_out)
             and per-edge, per-channel path weights w_ij; messages are the channel-wise product
             TP_uvu(f_j, a_ij; w_ij). Channel mixing happens on nodes, before gather and after scatter.
-    The MLP's hidden band limit is the largest l in rho_in (x) rho_out, so no kernel block is identically zero.
+    The MLP's hidden band limit is the largest l in rho_in (x) rho_out, so no kernel block is identically zero
+    (an error otherwise). Blocks of an irrep type absent from the MLP input (e.g. 1e, 2o for O(3) without
+    vector attributes) are zero by symmetry and are left out.
 
     Args:
         irreps_in: irreps of the source features f_j.
@@ -95,13 +97,16 @@ class ImplicitKernel(nn.Module):
         self.irreps_in = o3.Irreps(irreps_in)
         blocks = kernel_irreps(self.irreps_in, irreps_out)
         self.lmax_band = max(ir.l for ir in blocks)
+        # blocks whose irrep type the MLP cannot produce are identically zero by symmetry: leave them out
+        reachable = reachable_irreps(irreps_kernel_in)
+        blocks = [ir for ir in blocks if ir in reachable]
         lmax_input = max((ir.l for _, ir in o3.Irreps(irreps_kernel_in)), default=0)
         if lmax_input < self.lmax_band:
             raise ValueError(
                 f"the kernel input reaches l = {lmax_input} but rho_in (x) rho_out needs l = {self.lmax_band}: "
                 f"build the EdgeEmbedding with lmax >= {self.lmax_band}"
             )
-        hidden = irreps_up_to(mlp_width, self.lmax_band, "both")
+        hidden = filter_irreps(irreps_up_to(mlp_width, self.lmax_band, "both"), reachable)
         if form == "full":
             irreps_h = o3.Irreps([(mlp_width, ir) for ir in blocks])
             self.mlp = EquivariantMLP(irreps_kernel_in, hidden, irreps_h, mlp_layers, batch_norm)

@@ -1,6 +1,6 @@
 """Equivariant MLP: e3nn Linear layers alternated with gated nonlinearities (optional e3nn BatchNorm)."""
 
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional
 
 import torch
 from e3nn import nn as enn
@@ -30,6 +30,15 @@ def filter_irreps(irreps: o3.Irreps, keep: Iterable[o3.Irrep]) -> o3.Irreps:
     """The entries of `irreps` whose irrep is in `keep` (order kept)."""
     keep = set(o3.Irrep(ir) for ir in keep)
     return o3.Irreps([(mul, ir) for mul, ir in o3.Irreps(irreps) if ir in keep])
+
+
+def reachable_irreps(irreps_in: o3.Irreps) -> List[o3.Irrep]:
+    """Irrep types an EquivariantMLP fed `irreps_in` can output non-zero: those of its input, and 0e (biases).
+
+    Linear layers and gates never change an irrep's type, so e.g. an O(3) kernel MLP fed only harmonics of
+    x (natural parity) has identically zero 1e, 2o, ... outputs: leaving them out is exact, not a restriction.
+    """
+    return sorted({ir for _, ir in o3.Irreps(irreps_in)} | {o3.Irrep("0e")})
 
 
 def make_gate(irreps_out: o3.Irreps) -> enn.Gate:
