@@ -122,13 +122,13 @@ class ImplicitKernel(nn.Module):
 
     def forward(self, node_feats_src: torch.Tensor, edges: Edges) -> torch.Tensor:
         h = self.mlp(edges.kernel_in)  # (E, irreps_mlp_out.dim)
+        # the messages are linear in h (full) or in the path weights (factorised): apply the cutoff envelope
+        # there, on the narrower tensor
         if self.form == "full":
-            out = self.tp(node_feats_src, h)  # (E, irreps_out.dim)
-        else:
-            angular = h[:, : self.irreps_angular.dim]  # (E, irreps_angular.dim)
-            weights = h[:, self.irreps_angular.dim :]  # (E, tp.weight_numel)
-            out = self.tp(node_feats_src, angular, weights)  # (E, irreps_out.dim)
-        return out * edges.envelope
+            return self.tp(node_feats_src, h * edges.envelope)  # (E, irreps_out.dim)
+        angular = h[:, : self.irreps_angular.dim]  # (E, irreps_angular.dim)
+        weights = h[:, self.irreps_angular.dim :] * edges.envelope  # (E, tp.weight_numel)
+        return self.tp(node_feats_src, angular, weights)  # (E, irreps_out.dim)
 
 
 class StandardKernel(nn.Module):
@@ -165,8 +165,8 @@ class StandardKernel(nn.Module):
         )
 
     def forward(self, node_feats_src: torch.Tensor, edges: Edges) -> torch.Tensor:
-        weights = self.radial_mlp(edges.radial)  # (E, tp.weight_numel)
-        return self.tp(node_feats_src, edges.sh, weights) * edges.envelope  # (E, irreps_out.dim)
+        weights = self.radial_mlp(edges.radial) * edges.envelope  # (E, tp.weight_numel)
+        return self.tp(node_feats_src, edges.sh, weights)  # (E, irreps_out.dim)
 
 
 def kernel_matrix(kernel: nn.Module, edges: Edges) -> torch.Tensor:

@@ -13,7 +13,8 @@ from ..nn.kernels import ImplicitKernel, kernel_matrix
 def full_kernel_reference(kernel: ImplicitKernel, edges) -> torch.Tensor:
     """The paper's construction, written out: vec(k) from the MLP output h by Clebsch-Gordan coefficients.
 
-    k(x)[(w,k), (u,i)] = sum_paths c_path sum_{v,j} W_path[u,v,w] C^{l_u l_v l_w}[i,j,k] h[v,j](x) * u(|x|)
+    k(x)[(w,k), (u,i)] = sum_paths c_path sum_{v,j} W_path[u,v,w] C^{l_u l_v l_w}[i,j,k] h[v,j](x) u(|x|),
+    with h the MLP output and u the cutoff envelope.
 
     Returns:
         (E, d_out, d_in) kernel matrices. Slow and memory hungry: tests on small irreps only.
@@ -21,7 +22,7 @@ def full_kernel_reference(kernel: ImplicitKernel, edges) -> torch.Tensor:
     if kernel.form != "full":
         raise ValueError("the reference is for the full kernel form")
     tp = kernel.tp
-    h = kernel.mlp(edges.kernel_in)  # (E, irreps_h.dim)
+    h = kernel.mlp(edges.kernel_in) * edges.envelope  # (E, irreps_h.dim)
     num_edges = h.shape[0]
     K = h.new_zeros(num_edges, tp.irreps_out.dim, tp.irreps_in1.dim)
     weights = torch.split(tp.weight, [ins.path_shape[0] * ins.path_shape[1] * ins.path_shape[2]
@@ -34,7 +35,7 @@ def full_kernel_reference(kernel: ImplicitKernel, edges) -> torch.Tensor:
         h_block = h[:, h_slices[ins.i_in2]].view(num_edges, mul2, ir2.dim)  # (E, mul2, d2)
         block = ins.path_weight * torch.einsum("uvw,ijk,evj->ewkui", w, C, h_block)  # (E, mul3, d3, mul1, d1)
         K[:, out_slices[ins.i_out], in_slices[ins.i_in1]] += block.reshape(num_edges, mul3 * ir3.dim, mul1 * ir1.dim)
-    return K * edges.envelope.unsqueeze(-1)
+    return K
 
 
 def kernel_steerability_error(
