@@ -134,10 +134,9 @@ class EdgeEmbedding(nn.Module):
             irreps_products = o3.Irreps("")
         # sort the concatenation by irrep so the kernel MLP's first Linear sees few, wide blocks
         irreps_cat = self.irreps_scalars + self.irreps_harmonics + self.irreps_vectors + irreps_products
-        irreps_sorted, perm, _ = irreps_cat.sort()
+        irreps_sorted, _, inv = irreps_cat.sort()  # inv[k]: the entry of irreps_cat at sorted position k
         slices = irreps_cat.slices()
-        inverse = {p: i for i, p in enumerate(perm)}
-        columns = [c for k in range(len(irreps_cat)) for c in range(*slices[inverse[k]].indices(irreps_cat.dim))]
+        columns = [c for i in inv for c in range(slices[i].start, slices[i].stop)]
         self.register_buffer("_sort_columns", torch.tensor(columns, dtype=torch.long), persistent=False)
         self.irreps_front = irreps_sorted.simplify()
         self.trunk = None
