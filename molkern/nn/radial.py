@@ -38,9 +38,11 @@ class PolynomialCutoff(nn.Module):
 
 
 class BesselBasis(nn.Module):
-    """Radial Bessel functions sin(n pi r / c) / (r / c) / sqrt(3/2), n = 1..num_basis, trainable frequencies.
+    """Normalised radial Bessel functions j0(n pi r / c) = sin(n pi r / c) / (n pi r / c), n = 1..num_basis.
 
-    The factor makes each function's second moment 1 for points uniform in the ball of radius c.
+    The frequencies n pi are trainable. Each function is bounded by 1 (it is 1 at r = 0), so the kernel's
+    input stays of order one whatever the cutoff and the distances (DimeNet's sin(n pi x)/x grows like
+    n pi as r -> 0, which made fresh networks blow up on graphs with short edges and a long cutoff).
 
     Shapes:
         r: (E,) in Angstrom -> (E, num_basis)
@@ -56,10 +58,8 @@ class BesselBasis(nn.Module):
         self.freqs = nn.Parameter(freqs, requires_grad=trainable)
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
-        x = r.unsqueeze(-1) / self.cutoff  # (E, 1)
-        # sin(f x) / x is smooth at x = 0 (limit f); clamp avoids 0/0 for coincident points
-        x_safe = x.clamp_min(1e-9)
-        return torch.sin(self.freqs * x_safe) / (x_safe * math.sqrt(1.5))  # (E, num_basis)
+        x = self.freqs * (r.unsqueeze(-1) / self.cutoff)  # (E, num_basis)
+        return torch.sinc(x / math.pi)  # sin(x) / x, smooth at x = 0
 
     def extra_repr(self) -> str:
         return f"cutoff={self.cutoff}, num_basis={self.num_basis}"

@@ -1,0 +1,1 @@
+"""Experiment scripts: `python -m molkern.experiments.<name> --help`."""

@@ -1,0 +1,92 @@
+"""N-body training: models, parameter matching, equivariance on the data, tiny training runs."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from e3nn import o3
+
+import molkern.groups as groups
+from molkern.data import NBody
+from molkern.testing import POSITIONS, assert_equivariant, equivariance_error
+from molkern.train import GROUPS, NBodyDataModule, NBodyModule, build_nbody_model, parameter_counts, train_nbody
+from molkern.train.nbody import rescale_blocks
+
+
+@pytest.fixture(scope="module")
+def data64(tmp_path_factory):
+    """One float64 N-body system at k = 2 (pos, node_attr, edge_index, edge_attr)."""
+    ds = NBody(tmp_path_factory.mktemp("nbody"), "test", stiffness=2.0, num_samples=2, dtype=torch.float64)
+    d = ds[1]
+    return d.pos, d.node_attr, d.edge_index, d.edge_attr
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def test_parameter_counts_within_ten_percent():
+    counts = parameter_counts()
+    assert set(counts) == set(GROUPS)
+    assert max(counts.values()) <= 1.1 * min(counts.values()), counts
+
+
+def _displacement(model, edge_index, edge_attr):
+    return lambda pos, node_attr: model(pos, node_attr, edge_index, edge_attr)
+
+
+@pytest.mark.parametrize("name", ["o3", "so2", "o2"])
+def test_model_equivariant_on_nbody_data(name, data64, float64):
+    pos, node_attr, edge_index, edge_attr = data64
+    torch.manual_seed(0)
+    model = build_nbody_model(name).eval()
+    func = _displacement(model, edge_index, edge_attr)
+    assert_equivariant(func, groups.get(name), [pos, node_attr], [POSITIONS, "1x0e+1x1o"], "1x1o")
+
+
+def test_so2_model_not_equivariant_outside_so2(data64, float64):
+    pos, node_attr, edge_index, edge_attr = data64
+    torch.manual_seed(0)
+    model = build_nbody_model("so2").eval()
+    R = o3.matrix_x(torch.tensor(math.pi / 2, dtype=torch.float64))[None]
+    func = _displacement(model, edge_index, edge_attr)
+    err = equivariance_error(func, R, [pos, node_attr], [POSITIONS, "1x0e+1x1o"], "1x1o")
+    assert float(err[0]) > 1e-5
+
+
+def _mse(module, loader):
+    module.eval()
+    with torch.no_grad():
+        return sum(F.mse_loss(module(b), b.y, reduction="sum").item() for b in loader) / sum(
+            b.y.numel() for b in loader
+        )
+
+
+@pytest.mark.parametrize("name", ["so2", "baseline"])
+def test_tiny_training_lowers_loss(name, tmp_path):
+    L.seed_everything(0, verbose=False)
+    dm = NBodyDataModule(str(tmp_path), 2.0, num_train=40, num_val=20, num_test=20, batch_size=10)
+    dm.prepare_data()
+    dm.setup("fit")
+    module = NBodyModule(name, model={"num_channels": 8, "num_layers": 2}, lr=3e-3)
+    rescale_blocks(module.model, next(iter(dm.train_dataloader())))
+    before = _mse(module, dm.train_dataloader())
+    module.train()
+    trainer = L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(module, datamodule=dm)
+    after = _mse(module, dm.train_dataloader())
+    assert after < before, (before, after)
+
+
+def test_train_nbody_reports_test_mse_at_best_val(tmp_path):
+    r = train_nbody("baseline", 0.0, str(tmp_path), seed=0, max_epochs=2, check_val_every_n_epoch=1,
+                    data={"num_train": 20, "num_val": 10, "num_test": 10, "batch_size": 10}, progress=False)
+    assert r["group"] == "baseline" and r["best_epoch"] in (0, 1)
+    assert math.isfinite(r["test_mse"]) and math.isfinite(r["best_val_mse"])
