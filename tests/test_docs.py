@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_readme_quick_start_runs():
+    """Every ```python block runs (```py blocks that need minutes of data processing are not run)."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     assert blocks, "README has no python example"
     for code in blocks:
