@@ -81,6 +81,8 @@ class MolkernNet(nn.Module):
             )
         self.irreps_node_attr = o3.Irreps(irreps_node_attr)
         self.irreps_edge_attr = o3.Irreps(irreps_edge_attr)
+        if kernel == "standard" and self.irreps_edge_attr.dim > 0:
+            raise ValueError("the standard kernel takes no edge attributes; use an implicit kernel")
         attrs = self.irreps_node_attr if self.irreps_node_attr.dim > 0 else o3.Irreps("1x0e")
         self.irreps_hidden = irreps_up_to(num_channels, lmax, parity)
         implicit = kernel != "standard"
@@ -89,15 +91,13 @@ class MolkernNet(nn.Module):
             lmax=2 * lmax if implicit else lmax,
             num_radial=num_radial,
             group=self.group,
-            irreps_edge_attr=self.irreps_edge_attr if implicit else "",
+            irreps_edge_attr=self.irreps_edge_attr,
             irreps_node_attr=self.irreps_node_attr if implicit and kernel_node_attrs else "",
             batch_norm=kernel_batch_norm,
             kernel_input=implicit,
             trunk_width=kernel_mlp_width,
             trunk_layers=kernel_trunk_layers if implicit else 0,
         )
-        if not implicit and self.irreps_edge_attr.dim > 0:
-            raise ValueError("the standard kernel takes no edge attributes; use an implicit kernel")
         self.embedding = o3.Linear(attrs, self.irreps_hidden)
         self.blocks = nn.ModuleList()
         irreps = self.embedding.irreps_out

@@ -20,7 +20,8 @@ class Edges(NamedTuple):
         length: (E,) |x_j - x_i| in Angstrom.
         envelope: (E, 1) smooth cutoff u(|x|), 0 at the cutoff.
         radial: (E, num_radial) Bessel radial basis.
-        sh: (E, irreps_sh.dim) spherical harmonics of the direction, l = 0..lmax ("component" normalised).
+        sh: (E, irreps_sh.dim) spherical harmonics of the direction, l = 0..lmax ("component" normalised),
+            for standard kernels; None when the embedding builds `kernel_in` (implicit kernels do not use it).
         kernel_in: (E, irreps_kernel_in.dim) input of the implicit kernels' heads (the front features, or the
             output of the shared MLP trunk when there is one), or None.
     """
@@ -29,7 +30,7 @@ class Edges(NamedTuple):
     length: torch.Tensor
     envelope: torch.Tensor
     radial: torch.Tensor
-    sh: torch.Tensor
+    sh: Optional[torch.Tensor]
     kernel_in: Optional[torch.Tensor]
 
 
@@ -106,6 +107,8 @@ class EdgeEmbedding(nn.Module):
 
         edge_s, edge_v, self._edge_mask = _split_scalars(self.irreps_edge_attr)
         node_s, node_v, self._node_mask = _split_scalars(self.irreps_node_attr)
+        self._edge_vector_mask = [not m for m in self._edge_mask]
+        self._node_vector_mask = [not m for m in self._node_mask]
         irreps_ref = o3.Irreps(group.irreps_ref) if group is not None else o3.Irreps("")
         refs = group.references.to(torch.float64).clone() if group is not None else torch.zeros(0)
         for sl in irreps_ref.slices():  # unit RMS per irrep: scale does not change the stabiliser
@@ -157,8 +160,8 @@ class EdgeEmbedding(nn.Module):
         length = torch.linalg.norm(edge_vec, dim=-1)  # (E,)
         envelope = self.envelope(length).unsqueeze(-1)  # (E, 1)
         radial = self.radial(length)  # (E, num_radial)
-        sh = o3.spherical_harmonics(self.irreps_sh, edge_vec, normalize=True, normalization="component")
         if not self.kernel_input:
+            sh = o3.spherical_harmonics(self.irreps_sh, edge_vec, normalize=True, normalization="component")
             return Edges(edge_vec, length, envelope, radial, sh, None)
 
         scalars, vectors = [radial], []
@@ -169,7 +172,7 @@ class EdgeEmbedding(nn.Module):
                     f"{self.irreps_edge_attr}, got {None if edge_attrs is None else tuple(edge_attrs.shape)}"
                 )
             scalars.append(_take(edge_attrs, self.irreps_edge_attr, self._edge_mask))
-            vectors.append(_take(edge_attrs, self.irreps_edge_attr, [not m for m in self._edge_mask]))
+            vectors.append(_take(edge_attrs, self.irreps_edge_attr, self._edge_vector_mask))
         if self.irreps_node_attr.dim > 0:
             if node_attrs is None or edge_index is None or node_attrs.shape[-1] != self.irreps_node_attr.dim:
                 raise ValueError(
@@ -178,10 +181,9 @@ class EdgeEmbedding(nn.Module):
                 )
             attrs_j = torch.index_select(node_attrs, 0, edge_index[0])  # (E, node_attr_dim) source z_j
             attrs_i = torch.index_select(node_attrs, 0, edge_index[1])  # (E, node_attr_dim) target z_i
-            not_mask = [not m for m in self._node_mask]
-            scalars += [_take(attrs_j, self.irreps_node_attr, self._node_mask),
-                        _take(attrs_i, self.irreps_node_attr, self._node_mask)]
-            vectors += [_take(attrs_j, self.irreps_node_attr, not_mask), _take(attrs_i, self.irreps_node_attr, not_mask)]
+            for attrs in (attrs_j, attrs_i):
+                scalars.append(_take(attrs, self.irreps_node_attr, self._node_mask))
+                vectors.append(_take(attrs, self.irreps_node_attr, self._node_vector_mask))
         refs = self.references.to(edge_vec.dtype).expand(num_edges, -1)  # (E, ref_dim)
         vectors = torch.cat([refs] + vectors, dim=-1)  # (E, irreps_vectors.dim)
 
@@ -197,4 +199,4 @@ class EdgeEmbedding(nn.Module):
         kernel_in = torch.index_select(torch.cat(parts, dim=-1), 1, self._sort_columns)  # (E, irreps_front.dim)
         if self.trunk is not None:
             kernel_in = self.trunk(kernel_in)  # (E, irreps_kernel_in.dim)
-        return Edges(edge_vec, length, envelope, radial, sh, kernel_in)
+        return Edges(edge_vec, length, envelope, radial, None, kernel_in)

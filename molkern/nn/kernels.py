@@ -165,6 +165,8 @@ class StandardKernel(nn.Module):
         )
 
     def forward(self, node_feats_src: torch.Tensor, edges: Edges) -> torch.Tensor:
+        if edges.sh is None:
+            raise ValueError("StandardKernel needs edges.sh: build its EdgeEmbedding with kernel_input=False")
         weights = self.radial_mlp(edges.radial) * edges.envelope  # (E, tp.weight_numel)
         return self.tp(node_feats_src, edges.sh, weights)  # (E, irreps_out.dim)
 

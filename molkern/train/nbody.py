@@ -14,7 +14,6 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import lightning as L
-
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
