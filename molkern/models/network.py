@@ -45,7 +45,9 @@ class MolkernNet(nn.Module):
 
     Shapes:
         pos: (N, 3) Angstrom, node_attrs: (N, irreps_node_attr.dim), edge_index: (2, E) [source, target],
-        edge_attrs: (E, irreps_edge_attr.dim), batch: (N,) -> (num_graphs, irreps_out.dim) or (N, irreps_out.dim)
+        edge_attrs: (E, irreps_edge_attr.dim), batch: (N,), edge_shifts: (E, 3) Angstrom (periodic images:
+        edge_vec = pos[src] - pos[dst] + shift, see molkern.data.neighbors) -> (num_graphs, irreps_out.dim)
+        or (N, irreps_out.dim)
     """
 
     @eager_e3nn
@@ -123,6 +125,7 @@ class MolkernNet(nn.Module):
         edge_attrs: Optional[torch.Tensor] = None,
         batch: Optional[torch.Tensor] = None,
         num_graphs: Optional[int] = None,
+        edge_shifts: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         num_nodes = pos.shape[0]
         if batch is None:
@@ -137,6 +140,8 @@ class MolkernNet(nn.Module):
                 f"{self.irreps_node_attr}, got {tuple(node_attrs.shape)}"
             )
         edge_vec = torch.index_select(pos, 0, edge_index[0]) - torch.index_select(pos, 0, edge_index[1])  # (E, 3)
+        if edge_shifts is not None:
+            edge_vec = edge_vec + edge_shifts.to(edge_vec.dtype)  # (E, 3) periodic images
         edges = self.edge_embedding(edge_vec, edge_attrs, node_attrs, edge_index)
         feats = self.embedding(node_attrs)  # (N, irreps_hidden.dim)
         for block in self.blocks:
