@@ -11,7 +11,7 @@ executes no code from it.
 import importlib
 import os
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Protocol, Tuple, Union, runtime_checkable
 
 import torch
 
@@ -25,7 +25,36 @@ TASKS: Dict[str, str] = {
     "energy": "molkern.train.energy:EnergyModule",
 }
 
-__all__ = ["FORMAT", "TASKS", "CheckpointMixin", "load_checkpoint", "load_module"]
+__all__ = ["FORMAT", "TASKS", "CheckpointMixin", "TaskModule", "load_checkpoint", "load_module"]
+
+
+@runtime_checkable
+class TaskModule(Protocol):
+    """What prediction (`molkern predict`), the ASE calculator and notebooks need from a trained module.
+
+    Implemented by QM9Module (task "qm9") and EnergyModule (task "energy").
+
+    Attributes:
+        graph_spec: dict(graph="bonds" | "radius", cutoff=float Angstrom or None, elements=tuple of atomic
+            numbers, in the order of the node_attr one-hot columns). "bonds": edges = covalent bonds in both
+            directions, edge_attr = bond-type one-hot (E, 3) (molkern.data.bonds.encode_bonds); "radius":
+            edges from molkern.data.neighbors.radius_edges, edge_attr (E, 0) unless the module says otherwise.
+        property_names, property_units: e.g. ("homo", "gap"), ("meV", "meV"); EnergyModule: ("energy",), ("eV",).
+
+    Batch fields (PyG Batch): z (N,) long, pos (N, 3) float32 Angstrom, node_attr (N, len(elements)) float32
+    one-hot, edge_index (2, E) long [source j, target i], edge_attr (E, k) float32, optional edge_shift (E, 3)
+    Angstrom (edge_vec = pos[src] - pos[dst] + edge_shift), batch (N,), num_graphs.
+    """
+
+    graph_spec: Dict[str, Any]
+    property_names: Tuple[str, ...]
+    property_units: Tuple[str, ...]
+
+    def predict_properties(self, batch) -> torch.Tensor:
+        """(num_graphs, len(property_names)) in property_units."""
+
+    def energy(self, batch) -> torch.Tensor:
+        """(num_graphs,) eV, differentiable w.r.t. batch.pos and batch.edge_shift (QM9Module: only for U0/U/H/G)."""
 
 
 class CheckpointMixin:
