@@ -74,7 +74,8 @@ import numpy as np
 import torch
 from torch_geometric.data import Data, Dataset
 
-from .bonds import ATOMIC_NUMBERS, BOND_TYPES, BondPerceptionError, atom_type_index, bond_arrays, perceive_bonds
+from .bonds import ATOMIC_NUMBERS, BondPerceptionError, atom_type_index, bond_arrays, perceive_bonds
+from .graph import molecule_edges, molecule_graph
 
 __all__ = [
     "ATOM_REF_HARTREE",
@@ -884,21 +885,15 @@ class QM9(Dataset):
     def get(self, i: int) -> Data:
         a0, a1 = int(self._atom_ptr[i]), int(self._atom_ptr[i + 1])
         e0, e1 = int(self._edge_ptr[i]), int(self._edge_ptr[i + 1])
-        z = self._z[a0:a1]  # (N,)
-        pos = self._pos[a0:a1]  # (N, 3)
-        bonds = self._edge_index[:, e0:e1]  # (2, B) both directions
-        btype = self._bond_type[e0:e1]  # (B,)
-        if self.graph == "bonds":
-            edge_index = bonds  # (2, E)
-            edge_attr = torch.nn.functional.one_hot(btype, len(BOND_TYPES)).to(torch.float32)  # (E, 3)
-        else:
-            edge_index, edge_attr = self._radius_graph(pos, bonds, btype)
-        return Data(
-            z=z,
-            pos=pos,
-            node_attr=torch.nn.functional.one_hot(self._type[a0:a1], len(ATOMIC_NUMBERS)).to(torch.float32),
-            edge_index=edge_index,
-            edge_attr=edge_attr,
+        node_attr = torch.nn.functional.one_hot(self._type[a0:a1], len(ATOMIC_NUMBERS)).to(torch.float32)
+        return molecule_graph(  # the graph construction shared with molkern.data.featurize
+            self._z[a0:a1],  # (N,)
+            self._pos[a0:a1],  # (N, 3)
+            self._edge_index[:, e0:e1],  # (2, B) both directions
+            self._bond_type[e0:e1],  # (B,)
+            graph=self.graph,
+            cutoff=self.cutoff,
+            node_attr=node_attr,  # (N, 5)
             y=self._y[i : i + 1].to(torch.float32),  # (1, 12)
             idx=int(self._idx[i]),
             name=f"gdb_{int(self._gdb[i])}",
@@ -906,21 +901,8 @@ class QM9(Dataset):
         )
 
     def _radius_graph(self, pos: torch.Tensor, bonds: torch.Tensor, btype: torch.Tensor):
-        import vesin
-
-        n = pos.shape[0]
-        nl = vesin.NeighborList(cutoff=self.cutoff, full_list=True)
-        i, j = nl.compute(points=pos.double().numpy(), box=np.zeros((3, 3)), periodic=False, quantities="ij")
-        src = torch.from_numpy(j.astype(np.int64))  # full list: both directions are present
-        dst = torch.from_numpy(i.astype(np.int64))
-        order = torch.argsort(src * n + dst)
-        src, dst = src[order], dst[order]
-        table = torch.full((n, n), -1, dtype=torch.long)
-        table[bonds[0], bonds[1]] = btype
-        t = table[src, dst]  # (E,)
-        edge_attr = torch.nn.functional.one_hot(t.clamp(min=0), len(BOND_TYPES)).to(torch.float32)
-        edge_attr[t < 0] = 0.0  # (E, 3): zeros for non-bonded pairs
-        return torch.stack([src, dst]), edge_attr
+        """Radius-graph edges with bond one-hots (:func:`molkern.data.graph.molecule_edges`)."""
+        return molecule_edges(pos, bonds, btype, graph="radius", cutoff=self.cutoff)
 
     # --------------------------------------------------------------------------- indices/splits
 
@@ -1019,6 +1001,15 @@ class QM9(Dataset):
         """
         items = np.asarray(self.indices(), dtype=np.int64) if mol_indices is None else self.items_of(mol_indices)
         return self._y[torch.from_numpy(items)]
+
+    def num_atoms(self) -> np.ndarray:
+        """Atom count of every item of this dataset or view.
+
+        Shapes:
+            -> (num_items,) int64
+        """
+        items = torch.as_tensor(np.asarray(self.indices(), dtype=np.int64))
+        return (self._atom_ptr[items + 1] - self._atom_ptr[items]).numpy().astype(np.int64)
 
     def target_stats(self, indices=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-target mean and (population, ddof=0) standard deviation over the given molecules.
