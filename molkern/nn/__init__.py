@@ -8,9 +8,11 @@ from .mlp import EquivariantMLP, irreps_up_to, make_gate
 from .radial import BesselBasis, PolynomialCutoff
 from .readout import Readout
 from .scatter import scatter_mean, scatter_sum
+from .voxel import DenseSteerableConv3d, VoxelAvgPool, VoxelGate, VoxelInvariantReadout, VoxelNormPool
 
 __all__ = [
     "BesselBasis",
+    "DenseSteerableConv3d",
     "EdgeEmbedding",
     "Edges",
     "EquivariantMLP",
@@ -20,6 +22,10 @@ __all__ = [
     "Readout",
     "StandardKernel",
     "SteerableConv",
+    "VoxelAvgPool",
+    "VoxelGate",
+    "VoxelInvariantReadout",
+    "VoxelNormPool",
     "channelwise_tensor_product",
     "irreps_up_to",
     "kernel_irreps",
