@@ -13,6 +13,7 @@ from .featurize import (
 )
 from .graph import molecule_graph
 from .nbody import NBody, Trajectories, simulate
+from .modelnet import ModelNet, write_procedural_dataset
 from .qm9 import QM9, QM9CacheWarning
 
 __all__ = [
