@@ -169,6 +169,7 @@ def test_uff_fallback_and_forced_force_fields():
     assert d.node_attr.shape == (13, 3) and d.node_attr.sum(0).tolist() == [9, 1, 3]
     with pytest.raises(FeaturizationError, match=r"SMILES 'B\(C\)\(C\)C': MMFF94 cannot type"):
         embed_smiles("B(C)(C)C", force_field="mmff")
+    assert embed_smiles("O=O")[1]["force_field"] == "UFF"  # in the QM9 vocabulary too: MMFF has no O2 type
     assert embed_smiles("CCO", force_field="uff")[1]["force_field"] == "UFF"
     none = embed_smiles("CCO", force_field="none")[1]
     assert none["force_field"] == "none" and none["energy"] is None

@@ -59,6 +59,7 @@ __all__ = [
     "from_file",
     "from_rdkit",
     "from_smiles",
+    "iter_featurize",
 ]
 
 FORCE_FIELDS: Tuple[str, ...] = ("auto", "mmff", "uff", "none")

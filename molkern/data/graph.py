@@ -80,7 +80,8 @@ def molecule_edges(
 
     Args:
         pos: positions in Angstrom (used by the radius graph only).
-        bond_index: both directions of every bond, long.
+        bond_index: both directions of every bond, long, sorted by source then target (as
+            :func:`molkern.data.bonds.bond_arrays` returns them).
         bond_type: index into BOND_TYPES of each directed bond, long.
         graph: "bonds" or "radius"; cutoff: Angstrom, for "radius".
         edge_attr: "bonds" (bond one-hot, zeros for non-bonded radius pairs) or "none" (radius only).
@@ -93,19 +94,14 @@ def molecule_edges(
     bond_type = torch.as_tensor(bond_type, dtype=torch.long).reshape(-1)
     n = int(pos.shape[0])
     num_types = len(BOND_TYPES)
-    if graph == "bonds":
-        key = bond_index[0] * n + bond_index[1]
-        if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
-            order = torch.argsort(key)
-            bond_index, bond_type = bond_index[:, order], bond_type[order]
+    if graph == "bonds":  # already sorted by source, then target (bond_arrays)
         return bond_index, torch.nn.functional.one_hot(bond_type, num_types).to(torch.float32)  # (2, E), (E, 3)
 
     from .neighbors import radius_edges
 
-    edge_index, _ = radius_edges(pos, float(cutoff))  # (2, E), sorted by target
-    src, dst = edge_index[0], edge_index[1]
-    order = torch.argsort(src * n + dst)
-    src, dst = src[order], dst[order]
+    edge_index, _ = radius_edges(pos, float(cutoff))  # (2, E), sorted by target, then source
+    order = torch.argsort(edge_index[0], stable=True)  # -> by source, then target
+    src, dst = edge_index[0, order], edge_index[1, order]
     if edge_attr == "none":
         return torch.stack([src, dst]), torch.zeros(src.numel(), 0, dtype=torch.float32)  # (2, E), (E, 0)
     table = torch.full((n, n), -1, dtype=torch.long)
