@@ -609,7 +609,9 @@ def _iter_file(path, opts, smiles=None, charge=0, add_hs=False, format=None) -> 
         yield f"file '{path}'", FeaturizationError(f"file '{path}'", "empty molecule (the file holds no molecule)")
     templates = smiles if isinstance(smiles, (list, tuple)) else [smiles] * len(records)
     if len(templates) != len(records):
-        raise ValueError(f"{len(templates)} SMILES templates for {len(records)} molecules in {path}")
+        flabel = f"file '{path}'"
+        yield flabel, FeaturizationError(flabel, f"{len(templates)} SMILES templates for {len(records)} molecules")
+        return
     for i, (label, record) in enumerate(records):
         try:
             yield label, _featurize_record(label, record, path, i, len(records) > 1, templates[i], charge,
@@ -678,7 +680,7 @@ def iter_featurize(inputs, kind: str = "auto", **options) -> Iterator[Tuple[str,
             label = item if isinstance(item, str) else repr(item)
             call = lambda: from_smiles(item, **smiles_opts, **opts)  # noqa: E731
         elif item_kind == "atoms":
-            label = getattr(item, "info", {}).get("name") or (item.get_chemical_formula() if hasattr(item, "get_chemical_formula") else repr(item))
+            label = item.info.get("name") or item.get_chemical_formula() or f"ase.Atoms #{k}"
             call = lambda: from_atoms(item, smiles=sopts.get("smiles"), charge=sopts.get("charge", 0), **opts)  # noqa: E731
         else:  # rdkit
             name = item.GetProp("_Name").strip() if hasattr(item, "HasProp") and item.HasProp("_Name") else ""
