@@ -236,3 +236,14 @@ def test_augmentation_samples_lie_in_the_group_and_rotate_points_and_normals(tmp
     test = ModelNet(root, "test", num_points=16, augment=group_name, cache_dir=None)
     assert torch.equal(test[1].rot, test[1].rot), "evaluation rotations are fixed per item"
     assert bool(group.contains(test[1].rot[0].double(), atol=1e-5))
+
+
+def test_augmentation_inside_dataloader_workers_differs_between_workers_and_epochs(tmp_path):
+    root = write_procedural_dataset(tmp_path, 2, 1, num_points=8, classes=("cone", "box"))
+    ds = ModelNet(root, "train", num_points=8, augment="so2", cache_dir=None)
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2, collate_fn=lambda items: items[0].rot)
+    torch.manual_seed(0)
+    epochs = [torch.cat(list(loader)) for _ in range(2)]
+    assert not torch.allclose(epochs[0], epochs[1]), "a new rotation per epoch"
+    assert not torch.allclose(epochs[0][0], epochs[0][1]), "workers do not repeat each other's rotations"
+    assert bool(groups.get("so2").contains(epochs[0].double(), atol=1e-5).all())

@@ -338,7 +338,8 @@ class ModelNet(torch.utils.data.Dataset):
 
     Augmentation: each item is rotated by an element R of ``augment`` (a group name such as "so2", a
     molkern Group, or None): ``pos <- pos R^T``, ``normal <- normal R^T`` (normals are "1o"). The train split
-    draws a fresh element at every access (from a generator seeded by ``augment_seed``); val and test use
+    draws a fresh element at every access (from a generator seeded by ``augment_seed``, or by the DataLoader
+    worker's per-epoch seed inside workers); val and test use
     one fixed element per item (seeded), so evaluation is deterministic.
 
     Shapes (per item):
@@ -383,6 +384,7 @@ class ModelNet(torch.utils.data.Dataset):
             augment = groups.get(augment)
         self.augment = augment
         self._generator = torch.Generator().manual_seed(augment_seed)
+        self._worker_seed = None
         self._fixed = None
         if augment is not None and split != "train":
             gen = torch.Generator().manual_seed(augment_seed + 7919 * (1 + SPLITS.index(split)))
@@ -403,6 +405,10 @@ class ModelNet(torch.utils.data.Dataset):
             if self._fixed is not None:
                 R = self._fixed[idx]
             else:
+                info = torch.utils.data.get_worker_info()
+                if info is not None and info.seed != self._worker_seed:  # DataLoader workers: own stream per epoch
+                    self._worker_seed = info.seed
+                    self._generator.manual_seed(info.seed)
                 R = self.augment.sample(1, generator=self._generator, dtype=torch.float64)[0]
             R = R.to(self.dtype)
             pos, normal = pos @ R.T, normal @ R.T
