@@ -67,7 +67,7 @@ OUTSIDE = {  # an element outside each proper subgroup (None: O(3) has none)
 }
 
 
-@pytest.mark.parametrize("group_name, kernel", [(g, "factorised") for g in GROUPS] + [("o3", "standard")])
+@pytest.mark.parametrize("group_name, kernel", [(g, "factorised") for g in GROUPS] + [("so2", "full"), ("o3", "standard")])
 def test_logits_are_invariant_under_the_group_only(group_name, kernel):
     torch.manual_seed(0)
     group = groups.get(group_name)
