@@ -1,5 +1,6 @@
 """Datasets and featurisation: simulations, molecules, point clouds -> PyG ``Data``."""
 
+from .atoms import AtomsDataset, atoms_to_data
 from .bonds import ATOM_TYPES, BOND_TYPES, BondPerceptionError, encode_atoms, encode_bonds, perceive_bonds
 from .featurize import (
     FeaturizationError,
@@ -18,6 +19,7 @@ from .qm9 import QM9, QM9CacheWarning
 
 __all__ = [
     "ATOM_TYPES",
+    "AtomsDataset",
     "BOND_TYPES",
     "BondPerceptionError",
     "FeaturizationError",
@@ -25,6 +27,7 @@ __all__ = [
     "QM9",
     "QM9CacheWarning",
     "Trajectories",
+    "atoms_to_data",
     "embed_smiles",
     "encode_atoms",
     "encode_bonds",
