@@ -190,7 +190,8 @@ def test_modelnet_errors_name_the_file(tmp_path):
 def test_off_layout_through_the_same_loader(tmp_path):
     root = write_procedural_dataset(tmp_path / "off", 3, 1, classes=("box", "torus"), format="off")
     assert detect_format(root) == "off"
-    assert (root / "torus" / "train" / "torus_0002.off").is_file() and (root / "box" / "test" / "box_0004.off").is_file()
+    assert (root / "torus" / "train" / "torus_0002.off").is_file()
+    assert (root / "box" / "test" / "box_0004.off").is_file()
     train, test = ModelNet(root, "train", num_points=64, val_fraction=0.0), ModelNet(root, "test", num_points=64)
     assert (len(train), len(test), train.classes) == (6, 2, ["box", "torus"])
     np.testing.assert_allclose(train.clouds[..., :3].norm(dim=-1).amax(-1), 1.0, atol=1e-6)

@@ -67,7 +67,10 @@ OUTSIDE = {  # an element outside each proper subgroup (None: O(3) has none)
 }
 
 
-@pytest.mark.parametrize("group_name, kernel", [(g, "factorised") for g in GROUPS] + [("so2", "full"), ("o3", "standard")])
+CASES = [(g, "factorised") for g in GROUPS] + [("so2", "full"), ("o3", "standard")]
+
+
+@pytest.mark.parametrize("group_name, kernel", CASES)
 def test_logits_are_invariant_under_the_group_only(group_name, kernel):
     torch.manual_seed(0)
     group = groups.get(group_name)
@@ -143,7 +146,8 @@ def test_sweep_end_to_end_on_a_tiny_procedural_dataset(tmp_path):
 def test_summarise_and_table():
     from molkern.experiments.pointcloud_sweep import summarise, table
 
-    runs = [{"dataset": "d", "group": "o3", "kernel": "factorised", "test_acc": a, "num_parameters": 10} for a in (0.5, 0.7)]
+    run = {"dataset": "d", "group": "o3", "kernel": "factorised", "num_parameters": 10}
+    runs = [dict(run, test_acc=a) for a in (0.5, 0.7)]
     (s,) = summarise(runs)
     assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1) and s["num_seeds"] == 2
     text = table([s], ["so3", "o3"], "factorised")

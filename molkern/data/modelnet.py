@@ -72,7 +72,8 @@ def read_off(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
     try:
         num_vertices, num_faces = int(head[0]), int(head[1])
     except (IndexError, ValueError):
-        raise ValueError(f"{path}: broken OFF header: expected 'num_vertices num_faces num_edges', got {head}") from None
+        expected = "'num_vertices num_faces num_edges'"
+        raise ValueError(f"{path}: broken OFF header: expected {expected}, got {head}") from None
     if num_vertices <= 0 or num_faces <= 0:
         raise ValueError(f"{path}: empty mesh ({num_vertices} vertices, {num_faces} faces)")
     if len(body) < num_vertices + num_faces:

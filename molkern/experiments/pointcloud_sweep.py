@@ -5,9 +5,10 @@ c1, SO(2), O(2) = C_inf_v, C_inf_h, SO(3), O(3), all about z) with the implicit 
 standard kernel where molkern defines it (O(3) only: MolkernNet and the classifier raise for subgroups;
 for SO(3) the standard network would be the very same network as for O(3), since the standard kernel
 takes no reference inputs, so it is reported once, under O(3)). The standard kernel's radial-MLP width
-is chosen so its parameter count is closest to the implicit O(3) model's (same hidden irreps). Every partition is rotated by random
-elements of the augmentation group (default rotations about z, as in the paper); the reported number is
-the test accuracy at the epoch of best validation accuracy, mean and std over seeds.
+is chosen so its parameter count is closest to the implicit O(3) model's (same hidden irreps). Every
+partition is rotated by random elements of the augmentation group (default rotations about z, as in
+the paper); the reported number is the test accuracy at the epoch of best validation accuracy, mean and
+std (population) over seeds.
 
 Data: the offline procedural dataset (written under ``procedural.root`` if missing, see
 molkern.data.write_procedural_dataset) and, if given (``--modelnet PATH`` or ``modelnet_root``), ModelNet-40
@@ -74,7 +75,8 @@ class PointCloudModule(L.LightningModule):
 
     def _step(self, batch, name):
         logits = self(batch)
-        loss = F.cross_entropy(logits, batch.y, label_smoothing=self.hparams.label_smoothing if name == "train" else 0.0)
+        smoothing = self.hparams.label_smoothing if name == "train" else 0.0
+        loss = F.cross_entropy(logits, batch.y, label_smoothing=smoothing)
         acc = (logits.argmax(-1) == batch.y).float().mean()
         self.log(f"{name}_loss", loss, batch_size=batch.num_graphs, on_step=False, on_epoch=True)
         self.log(f"{name}_acc", acc, batch_size=batch.num_graphs, on_step=False, on_epoch=True, prog_bar=True)
@@ -214,9 +216,11 @@ def table(summary: List[Dict[str, Any]], groups: List[str], implicit: str) -> st
             for k in (implicit, "standard"):
                 s = cell.get((g, k))
                 if s is None:
-                    row.append("= O(3) network (not re-run)" if (g == "so3" and k == "standard") else "n/a (not defined)")
+                    same_as_o3 = g == "so3" and k == "standard"
+                    row.append("= O(3) network (not re-run)" if same_as_o3 else "n/a (not defined)")
                 else:
-                    row.append(f"{100 * s['mean']:.1f} +- {100 * s['std']:.1f} ({s['num_parameters']:,} p., n={s['num_seeds']})")
+                    acc = f"{100 * s['mean']:.1f} +- {100 * s['std']:.1f}"
+                    row.append(f"{acc} ({s['num_parameters']:,} p., n={s['num_seeds']})")
             lines.append(f"| {g} | " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -232,14 +236,16 @@ def plot(summary: List[Dict[str, Any]], groups: List[str], implicit: str, datase
     cell = {(s["group"], s["kernel"]): s for s in summary if s["dataset"] == dataset}
     fig, ax = plt.subplots(figsize=(1.3 * len(groups) + 1.5, 3.6))
     width = 0.38
-    for offset, kernel, color, label in ((-width / 2, "standard", "tab:blue", "standard kernel"),
-                                         (width / 2, implicit, "tab:orange", f"implicit kernel ({implicit})")):  # fmt: skip
+    bars = [(-width / 2, "standard", "tab:blue", "standard kernel"),
+            (width / 2, implicit, "tab:orange", f"implicit kernel ({implicit})")]
+    for offset, kernel, color, label in bars:
         xs = [i + offset for i, g in enumerate(groups) if (g, kernel) in cell]
         rows = [cell[(g, kernel)] for g in groups if (g, kernel) in cell]
         ax.bar(xs, [100 * r["mean"] for r in rows], width, yerr=[100 * r["std"] for r in rows], capsize=3,
                color=color, label=label)  # fmt: skip
         for x, r in zip(xs, rows):
-            ax.text(x, 100 * (r["mean"] + r["std"]) + 0.5, f"{100 * r['mean']:.1f}", ha="center", va="bottom", fontsize=7)
+            top = 100 * (r["mean"] + r["std"]) + 0.5
+            ax.text(x, top, f"{100 * r['mean']:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(groups)), [GROUP_LABELS.get(g, g) for g in groups])
     means = [100 * s["mean"] for s in cell.values()]
     ax.set_ylim(max(0.0, min(means) - 15), min(100.0, max(means) + 8))
@@ -309,8 +315,10 @@ def main(argv=None):
     jobs, counts = [], {}
     for name, root in datasets.items():
         num_classes = ModelNet(root, "test", data.get("num_points", 1024), prefix=data.get("prefix")).num_classes
-        counts[name] = {f"{g}/{implicit}": count_parameters(PointCloudClassifier(num_classes, group=g, kernel=implicit, **model))
-                        for g in groups}  # fmt: skip
+        counts[name] = {
+            f"{g}/{implicit}": count_parameters(PointCloudClassifier(num_classes, group=g, kernel=implicit, **model))
+            for g in groups
+        }
         variants = [(g, implicit, model) for g in groups]
         if config.get("standard", True):
             target = counts[name].get(f"o3/{implicit}") or count_parameters(
@@ -332,7 +340,8 @@ def main(argv=None):
 
     def record(run):
         runs.append(run)
-        print(f"{run['dataset']} seed={run['seed']} {run['group']:6s} {run['kernel']:10s} test_acc={run['test_acc']:.4f} "
+        print(f"{run['dataset']} seed={run['seed']} {run['group']:6s} {run['kernel']:10s} "
+              f"test_acc={run['test_acc']:.4f} "
               f"(best val {run['best_val_acc']:.4f} at epoch {run['best_epoch']}, {run['seconds']:.0f} s)", flush=True)
         result = {"config": config, "datasets": datasets, "parameter_counts": counts, "runs": runs,
                   "summary": summarise(runs), "jobs": args.jobs, "seconds": time.perf_counter() - start}  # fmt: skip

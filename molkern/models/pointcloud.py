@@ -190,7 +190,10 @@ class PointCloudClassifier(nn.Module):
                 irreps = block.irreps_out
         self.readout = Readout(irreps, f"{readout_width}x0e", pooling=None)
         self.head = nn.Sequential(
-            nn.Linear(2 * readout_width, head_hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(head_hidden, num_classes)
+            nn.Linear(2 * readout_width, head_hidden),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Linear(head_hidden, num_classes),
         )
         self.num_classes = num_classes
 
