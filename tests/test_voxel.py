@@ -284,6 +284,25 @@ def test_so2_classifier_sees_orientation_c1_even_more():
     assert outs["o3"] < 1e-5 and outs["so2"] > 1e-4 and outs["c1"] > 1e-4, outs
 
 
+# ------------------------------------------------------------------------------------------------ example data
+def test_voxelize_commutes_with_grid_symmetries():
+    import numpy as np
+
+    from molkern.experiments.voxel_shapes import random_rotation, voxelize
+
+    rng = np.random.default_rng(0)
+    points = rng.uniform(-0.9, 0.9, size=(300, 3)) * [1.0, 0.5, 0.3]  # anisotropic cloud
+    grid = torch.from_numpy(voxelize(points, 8))[None, None].double()
+    assert grid[0, 0, 6:].sum() > 0 and grid[0, 0, :, 6:].sum() == 0  # x spans the grid, y does not: dim 2 is x
+    for R in cube_symmetries()[::3]:
+        moved = torch.from_numpy(voxelize(points @ R.numpy().T, 8))[None, None].double()
+        assert torch.allclose(moved, transform_voxel_field(grid, "0e", R), atol=1e-12)
+    for orientation in ("z", "so3"):
+        Q = random_rotation(orientation, rng)
+        assert np.allclose(Q @ Q.T, np.eye(3)) and np.isclose(np.linalg.det(Q), 1.0)
+    assert np.isclose(random_rotation("z", rng)[2, 2], 1.0)
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_clear_errors():
     with pytest.raises(ValueError, match="odd"):

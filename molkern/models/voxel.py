@@ -18,7 +18,7 @@ class VoxelClassifier(nn.Module):
     """Classify voxel grids (e.g. 32^3 occupancy) with G-equivariant dense convolutions, G-invariant logits.
 
     input_pool (average, exact under the cube symmetries) -> for each block: DenseSteerableConv3d ->
-    VoxelGate -> pooling (not after the last block) -> VoxelInvariantReadout -> Linear-SiLU-Linear.
+    VoxelGate -> pooling (not after the last block) -> VoxelInvariantReadout -> BatchNorm1d-Linear-SiLU-Linear.
     Block b has num_channels[b] copies of every hidden irrep with l <= lmax (irreps_up_to).
 
     Args:
@@ -79,8 +79,10 @@ class VoxelClassifier(nn.Module):
                 layers.append(POOLS[pooling](irreps, 2))
         self.layers = nn.ModuleList(layers)
         self.readout = VoxelInvariantReadout(irreps)
+        # the invariants (means of 0e channels and of field norms) differ in scale: standardise them (invariant)
         self.head = nn.Sequential(
-            nn.Linear(self.readout.irreps_out.dim, hidden), nn.SiLU(), nn.Linear(hidden, num_classes)
+            nn.BatchNorm1d(self.readout.irreps_out.dim), nn.Linear(self.readout.irreps_out.dim, hidden), nn.SiLU(),
+            nn.Linear(hidden, num_classes),
         )
         self.irreps_out = o3.Irreps(f"{num_classes}x0e")
 

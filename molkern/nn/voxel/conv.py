@@ -6,6 +6,7 @@ weight. Grid convention: a field is a tensor (B, irreps.dim, X, Y, Z) (the e3nn 
 into channels); tensor dims 2, 3, 4 are the x, y, z axes, and voxel (i, j, k) sits at (i, j, k) * voxel_size.
 """
 
+import copy
 from typing import Optional, Union
 
 import torch
@@ -27,6 +28,18 @@ def _triple(value, name: str) -> tuple:
     if len(out) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in out):
         raise ValueError(f"{name} must be a positive int or a triple of them, got {value!r}")
     return out
+
+
+def _after_mlp(kernel: ImplicitKernel) -> ImplicitKernel:
+    """A shallow view of `kernel` (same tensor product and parameters) whose MLP is the identity.
+
+    ImplicitKernel.forward starts with h = self.mlp(edges.kernel_in); given edges whose kernel_in already holds
+    h, the view computes the same messages. The original kernel is left untouched (own _modules dict).
+    """
+    view = copy.copy(kernel)
+    view._modules = dict(kernel._modules)
+    view._modules["mlp"] = nn.Identity()
+    return view
 
 
 def window_offsets(kernel_size: int, dilation: int = 1, voxel_size: float = 1.0) -> torch.Tensor:
@@ -188,7 +201,10 @@ class DenseSteerableConv3d(nn.Module):
         offsets = self.offsets[self._support]  # (T, 3)
         edge_attrs = None if attrs is None else attrs.to(offsets.dtype).expand(offsets.shape[0], -1)  # (T, attr_dim)
         edges = self.edge_embedding(offsets, edge_attrs)
-        mat = kernel_matrix(self.kernel, edges)  # (T, kernel.irreps_out.dim, d_in)
+        # kernel_matrix applies the kernel to the d_in basis vectors of rho_in, repeating every edge d_in times;
+        # run the kernel MLP once per tap instead and hand kernel_matrix the same kernel with its MLP done
+        edges = edges._replace(kernel_in=self.kernel.mlp(edges.kernel_in))  # (T, kernel MLP out dim)
+        mat = kernel_matrix(_after_mlp(self.kernel), edges)  # (T, kernel.irreps_out.dim, d_in)
         if self.mix is not None:
             eye = torch.eye(self.kernel.irreps_out.dim, dtype=mat.dtype, device=mat.device)
             mat = torch.einsum("om,emi->eoi", self.mix(eye).T, mat)  # (T, d_out, d_in)
