@@ -186,6 +186,9 @@ def test_training_lowers_the_loss_and_checkpoint_reproduces_energies(emt_file, t
     assert raw["molkern"]["task"] == "energy"
     loaded = load_module(path)
     assert torch.equal(loaded.species_energy, module.species_energy)
+    fresh = EnergyModule(["Cu"], model=MODEL)  # avg_num_neighbors "auto": restored from the state_dict
+    fresh.load_state_dict(raw["state_dict"])
+    assert fresh.model.blocks[0].conv.avg_num_neighbors == module.hparams.model["avg_num_neighbors"] > 5
     module.eval()
     batch = next(iter(DataLoader(dm.parts["val"], batch_size=4)))
     ref = energy_forces_stress(module, batch, forces=True, stress=True)

@@ -99,7 +99,8 @@ class EnergyModule(CheckpointMixin, L.LightningModule):
         data_init: LSUV-rescale the blocks on a training batch at the start of a fresh fit.
 
     Buffers (fitted on the training split at the start of a fresh fit): ``species_energy`` (K,) eV,
-    ``energy_scale`` () eV/A, ``fitted`` () bool.
+    ``energy_scale`` () eV/A, ``avg_num_neighbors`` () (mean in-degree, restored into the convolutions
+    whenever a state_dict is loaded), ``fitted`` () bool.
     """
 
     task = "energy"
@@ -138,6 +139,11 @@ class EnergyModule(CheckpointMixin, L.LightningModule):
         self.register_buffer("species_energy", torch.zeros(len(self.elements), dtype=torch.float64))
         self.register_buffer("energy_scale", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("fitted", torch.tensor(False))
+        # the neighbour normalisation measured at fit time travels with the weights (a fresh module built with
+        # avg_num_neighbors "auto" and loaded from a state_dict, e.g. by trainer.test(ckpt_path=...), gets it)
+        avg = config["avg_num_neighbors"]
+        self.register_buffer("avg_num_neighbors", torch.tensor(1.0 if avg == AUTO else float(avg), dtype=torch.float64))
+        self.register_load_state_dict_post_hook(lambda module, keys: module._sync_avg_num_neighbors())
 
     # ------------------------------------------------------------------ protocol (see checkpoint.TaskModule)
 
@@ -166,10 +172,15 @@ class EnergyModule(CheckpointMixin, L.LightningModule):
     # ------------------------------------------------------------------------------------ fitting
 
     def set_avg_num_neighbors(self, value: float) -> None:
-        """Set the convolutions' neighbour normalisation and record it in the hyper-parameters."""
+        """Set the convolutions' neighbour normalisation; record it in the hyper-parameters and the buffer."""
+        self.avg_num_neighbors.fill_(float(value))
+        self._sync_avg_num_neighbors()
+
+    def _sync_avg_num_neighbors(self) -> None:
+        value = float(self.avg_num_neighbors)
         for block in self.model.blocks:
-            block.conv.avg_num_neighbors = float(value)
-        self.hparams.model["avg_num_neighbors"] = float(value)
+            block.conv.avg_num_neighbors = value
+        self.hparams.model["avg_num_neighbors"] = value
 
     @torch.no_grad()
     def fit_statistics(self, loader) -> Dict[str, Any]:
