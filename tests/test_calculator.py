@@ -5,7 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from ase import Atoms, units
+from ase import units
 from ase.build import bulk, molecule
 from ase.calculators.lj import LennardJones
 from ase.md.verlet import VelocityVerlet

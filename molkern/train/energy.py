@@ -357,7 +357,8 @@ class AtomsDataModule(L.LightningDataModule):
         super().__init__()
         fractions = (train_fraction, val_fraction, test_fraction)
         if any(not 0 <= f <= 1 for f in fractions) or sum(fractions) > 1 + 1e-9 or train_fraction <= 0:
-            raise ValueError(f"train/val/test fractions must lie in [0, 1], sum to <= 1, with train > 0; got {fractions}")
+            raise ValueError("train/val/test fractions must lie in [0, 1], sum to <= 1, with train > 0; "
+                             f"got {fractions}")
         self.save_hyperparameters()
         self.dataset: Optional[AtomsDataset] = None
         self.split_indices: Dict[str, List[int]] = {}
