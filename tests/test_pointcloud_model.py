@@ -141,6 +141,9 @@ def test_sweep_end_to_end_on_a_tiny_procedural_dataset(tmp_path):
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| so2 |" in table and "n/a (not defined)" in table
     assert (tmp_path / "out" / "pointcloud_procedural.png").stat().st_size > 1000
+    (tmp_path / "out" / "results.md").unlink()
+    pointcloud_sweep.main(["--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out"), "--replot"])
+    assert (tmp_path / "out" / "results.md").read_text() == table
 
 
 def test_summarise_and_table():

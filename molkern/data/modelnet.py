@@ -132,6 +132,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -312,6 +313,7 @@ def _load_part(root: Path, part: str, num_points: int, seed: int, cache_dir: Opt
             fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz.tmp")
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, clouds=clouds, labels=labels)
+            os.chmod(tmp, 0o644)
             os.replace(tmp, cache)
         except OSError as err:
             log.warning("could not write cache %s (%s); continuing without it", cache, err)

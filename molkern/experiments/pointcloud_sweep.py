@@ -238,8 +238,9 @@ def plot(summary: List[Dict[str, Any]], groups: List[str], implicit: str, datase
     width = 0.38
     bars = [(-width / 2, "standard", "tab:blue", "standard kernel"),
             (width / 2, implicit, "tab:orange", f"implicit kernel ({implicit})")]
-    for offset, kernel, color, label in bars:
-        xs = [i + offset for i, g in enumerate(groups) if (g, kernel) in cell]
+    pairs = {g for g in groups if (g, "standard") in cell and (g, implicit) in cell}
+    for offset, kernel, color, label in bars:  # a group with one kernel gets one centred bar
+        xs = [i + (offset if g in pairs else 0.0) for i, g in enumerate(groups) if (g, kernel) in cell]
         rows = [cell[(g, kernel)] for g in groups if (g, kernel) in cell]
         ax.bar(xs, [100 * r["mean"] for r in rows], width, yerr=[100 * r["std"] for r in rows], capsize=3,
                color=color, label=label)  # fmt: skip
@@ -248,15 +249,16 @@ def plot(summary: List[Dict[str, Any]], groups: List[str], implicit: str, datase
             ax.text(x, top, f"{100 * r['mean']:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(groups)), [GROUP_LABELS.get(g, g) for g in groups])
     means = [100 * s["mean"] for s in cell.values()]
-    ax.set_ylim(max(0.0, min(means) - 15), min(100.0, max(means) + 8))
+    ax.set_ylim(max(0.0, min(means) - 15), min(100.0, max(means) + 12))
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{dataset}: accuracy per symmetry group G")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=150)
     plt.close(fig)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -264,6 +266,7 @@ def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
     os.replace(tmp, path)
 
 
@@ -284,6 +287,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="training runs in parallel (one torch thread each)")
     parser.add_argument("--num-threads", type=int, default=1, help="torch intra-op threads per run")
     parser.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bars")
+    parser.add_argument("--replot", action="store_true",
+                        help="only rewrite results.md and the PNGs from an existing DIR/results.json")
     args = parser.parse_args(argv)
 
     config = yaml.safe_load(Path(args.config).read_text())
@@ -292,6 +297,16 @@ def main(argv=None):
         raise SystemExit(f"unknown config key(s) {sorted(unknown)}; valid: {sorted(KEYS)}")
     out = Path(args.out or Path("results") / Path(args.config).stem)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        result = json.loads((out / "results.json").read_text())
+        groups = list(result["config"].get("groups", ["c1", "so2", "o2", "cinfh", "so3", "o3"]))
+        implicit = result["config"].get("kernel", "factorised")
+        _write_atomic(out / "results.md", table(result["summary"], groups, implicit)
+                      + f"\nwall time {result['seconds']:.0f} s ({result.get('jobs', 1)} job(s))\n")  # fmt: skip
+        for name in result["datasets"]:
+            plot(result["summary"], groups, implicit, name, out / f"pointcloud_{name}.png")
+        print((out / "results.md").read_text())
+        return
     warnings.filterwarnings("ignore", message=".*(does not have many workers|num_workers).*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     torch.set_num_threads(args.num_threads)
@@ -358,6 +373,9 @@ def main(argv=None):
             record(_run(job))
 
     summary = summarise(runs)
+    result = {"config": config, "datasets": datasets, "parameter_counts": counts, "runs": runs, "summary": summary,
+              "jobs": args.jobs, "seconds": time.perf_counter() - start}  # fmt: skip
+    _write_atomic(out / "results.json", json.dumps(result, indent=2))
     text = table(summary, groups, implicit)
     _write_atomic(out / "results.md", text + f"\nwall time {time.perf_counter() - start:.0f} s ({args.jobs} job(s))\n")
     for name in datasets:
