@@ -172,7 +172,7 @@ def test_training_lowers_the_loss_and_checkpoint_reproduces_energies(emt_file, t
     assert (tmp_path / "split_indices.json").is_file()
     loader = DataLoader(dm.train_dataset, batch_size=8)
     before = _train_loss(module, loader)
-    trainer = _trainer(tmp_path, 6)
+    trainer = _trainer(tmp_path, 4)
     trainer.fit(module, datamodule=dm)
     after = _train_loss(module, loader)
     print(f"train loss {before:.4f} -> {after:.4f}")
