@@ -201,3 +201,16 @@ def test_training_lowers_the_loss_and_checkpoint_reproduces_energies(emt_file, t
         np.testing.assert_allclose(atoms.get_forces(), ref["forces"][rows].numpy(), atol=1e-5)
         if atoms.pbc.all():
             np.testing.assert_allclose(atoms.get_stress(voigt=False), ref["stress"][k].numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["emt_cu", "emt_cluster"])
+def test_emt_configs_parse(name, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from molkern.cli import lightning_main
+
+    path = Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
+    monkeypatch.chdir(tmp_path)  # loggers would create runs/ here
+    cli = lightning_main(["--config", str(path)], run=False)
+    assert isinstance(cli.model, EnergyModule) and isinstance(cli.datamodule, AtomsDataModule)
+    assert cli.model.elements == (29,) and cli.model.graph_spec["cutoff"] == cli.datamodule.hparams.cutoff
