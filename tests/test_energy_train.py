@@ -137,6 +137,7 @@ def test_species_energies_are_least_squares(tmp_path):
     stats = module.fit_statistics(DataLoader(ds, batch_size=5))
     np.testing.assert_allclose(module.species_energy.numpy(), [-1.5, -4.0], atol=1e-9)
     assert stats["energy_scale"] == pytest.approx(0.3) and float(module.energy_scale) == pytest.approx(0.3)
+    assert bool(module.fitted)
 
 
 def test_module_rejects_config_it_sets():

@@ -185,7 +185,10 @@ class EnergyModule(CheckpointMixin, L.LightningModule):
     @torch.no_grad()
     def fit_statistics(self, loader) -> Dict[str, Any]:
         """Fit ``species_energy`` (least squares of E on element counts) and ``energy_scale`` (rms of the force
-        components; without forces the std of the per-atom residual energies) on the batches of ``loader``."""
+        components; without forces the std of the per-atom residual energies) on the batches of ``loader``.
+
+        Marks the module ``fitted``: a later ``trainer.fit`` neither refits nor LSUV-initialises (call
+        :meth:`initialize` yourself when training without a datamodule)."""
         counts, energies, sq, num = [], [], 0.0, 0
         for batch in loader:
             counts.append(scatter_sum(batch.node_attr.double(), batch.batch, batch.num_graphs))  # (G, K)
@@ -203,6 +206,7 @@ class EnergyModule(CheckpointMixin, L.LightningModule):
             scale = 1.0
         self.species_energy.copy_(shifts)
         self.energy_scale.fill_(scale)
+        self.fitted.fill_(True)
         return {"species_energy": shifts.tolist(), "energy_scale": scale,
                 "residual_rms_mev_atom": 1000 * float(residual.pow(2).mean().sqrt())}
 
@@ -235,12 +239,12 @@ class EnergyModule(CheckpointMixin, L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             raise ValueError("EnergyModule fits its energy shifts on the datamodule's training set: pass a "
-                             "datamodule to trainer.fit, or call fit_statistics(loader) first")
+                             "datamodule to trainer.fit, or call fit_statistics(loader) (and initialize(batch)) "
+                             "first")
         loader = dm.train_dataloader()
         stats = self.fit_statistics(_to_device(loader, self.device))
         if self.hparams.data_init:
             self.initialize(next(iter(loader)).to(self.device))
-        self.fitted.fill_(True)
         if self.trainer.is_global_zero:
             print(f"EnergyModule: species energies {dict(zip(self.elements, stats['species_energy']))} eV, "
                   f"energy scale {stats['energy_scale']:.4f} eV/A, shifts-only residual "
