@@ -4,7 +4,8 @@
     molkern test --config configs/qm9_cpu_quick.yaml --ckpt_path runs/qm9_quick/version_0/checkpoints/best.ckpt
     molkern predict --ckpt best.ckpt --smiles CCO c1ccccc1O [--sdf FILE] [--xyz FILE] [--output out.csv]
 
-Configs name the LightningModule and DataModule by class (``model: {class_path: molkern.train.QM9Module,
+A run writes ``runs/<name>/version_<n>/`` (CSV metrics, config, checkpoints) and TensorBoard events under
+``runs/<name>/tensorboard/``. Configs name the LightningModule and DataModule by class (``model: {class_path: molkern.train.QM9Module,
 init_args: {...}}``); command-line flags override any value; unknown keys are an error. Defaults: CSV and
 TensorBoard logs under ``runs/``, the best (lowest ``val_loss``) and last checkpoints, a progress bar.
 ``molkern predict`` with ``--ckpt`` featurizes new molecules (see molkern.predict); with ``--config`` it is
@@ -23,7 +24,7 @@ TRAINER_DEFAULTS = {
     "logger": [
         {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "molkern"}},
         {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-         "init_args": {"save_dir": "runs", "name": "molkern", "default_hp_metric": False}},
+         "init_args": {"save_dir": "runs/molkern", "name": "tensorboard", "default_hp_metric": False}},
     ],
 }
 

@@ -147,3 +147,18 @@ def test_ddp_two_processes_match_one(qm9_root, tmp_path):
         finals[devices] = ckpt["state_dict"]
     for key, value in finals[1].items():
         torch.testing.assert_close(finals[2][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_ema_of_weights_is_what_the_checkpoint_serves(qm9_root, tmp_path):
+    config = write_config(tmp_path / "c.yaml", qm9_root, tmp_path / "runs", trainer__max_epochs=1)
+    ema = tmp_path / "ema.yaml"
+    ema.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.9}}]}}))
+    main(["fit", "--config", str(config), "--config", str(ema)])
+    last = tmp_path / "runs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = load_checkpoint(last)
+    key = "model.readout.mlp.layers.0.weight"
+    key = key if key in ckpt["state_dict"] else next(k for k in ckpt["state_dict"] if k.endswith("weight"))
+    assert not torch.equal(ckpt["state_dict"][key], ckpt["current_model_state"][key])  # averaged != raw
+    module = load_module(last)
+    torch.testing.assert_close(module.state_dict()[key], ckpt["state_dict"][key])
