@@ -10,11 +10,12 @@ forces) and ``<out>/manifest.json`` (settings, counts, seconds). Deterministic f
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
+
+from molkern.io import atomic_path, atomic_write
 
 LATTICE = {"Cu": 3.61, "Pt": 3.92, "Ni": 3.52, "Pd": 3.89, "Ag": 4.09, "Au": 4.08, "Al": 4.05}
 
@@ -68,10 +69,8 @@ def cluster(element):
 def write_extxyz(path: Path, frames) -> None:
     import ase.io
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    ase.io.write(str(tmp), frames, format="extxyz")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        ase.io.write(str(tmp), frames, format="extxyz")
 
 
 def main(argv=None):
@@ -112,9 +111,7 @@ def main(argv=None):
         "atoms_per_frame": {"bulk": len(bulk_frames[0]), "cluster": len(cluster_frames[0])},
         "seconds": round(time.perf_counter() - start, 1),
     }
-    tmp = out / f"manifest.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / "manifest.json")
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2))
     print(json.dumps(manifest, indent=2))
     return manifest
 

@@ -19,14 +19,11 @@ CLI: :func:`add_predict_arguments` / :func:`run_predict` (``molkern predict --ck
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -35,6 +32,7 @@ from torch_geometric.data import Batch
 
 from .data.bonds import ATOMIC_NUMBERS
 from .data.featurize import FeaturizationError, iter_featurize
+from .io import atomic_write
 
 __all__ = [
     "add_predict_arguments",
@@ -213,23 +211,6 @@ def format_table(
     return "\n".join(out)
 
 
-def _atomic_write_text(path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_csv(path, rows, names, units, failures=()) -> Path:
     """CSV: columns index, input, name, smiles, num_atoms, ``<property> [<unit>]``..., error; one line per
     predicted molecule (input order), then one per failure (properties empty, ``error`` = the reason)."""
@@ -240,7 +221,7 @@ def write_csv(path, rows, names, units, failures=()) -> Path:
         w.writerow([r.get(k, "") for k in _META] + [repr(float(r[n])) for n in names] + [""])
     for label, reason in failures:
         w.writerow(["", label, "", "", ""] + [""] * len(names) + [reason])
-    return _atomic_write_text(path, buf.getvalue())
+    return atomic_write(path, buf.getvalue())
 
 
 def write_json(path, rows, names, units, failures=()) -> Path:
@@ -250,7 +231,7 @@ def write_json(path, rows, names, units, failures=()) -> Path:
         "molecules": list(rows),
         "failures": [{"input": label, "reason": reason} for label, reason in failures],
     }
-    return _atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    return atomic_write(path, json.dumps(doc, indent=2) + "\n")
 
 
 def write_predictions(path, rows, names, units, failures=()) -> Path:

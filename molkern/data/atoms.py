@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch_geometric.data import Data
 
+from ..io import atomic_path
 from .neighbors import radius_edges
 
 __all__ = ["AtomsDataset", "atoms_to_data", "element_numbers", "elements_in_files", "one_hot_elements"]
@@ -249,10 +250,8 @@ class AtomsDataset(torch.utils.data.Dataset):
             "sources": [[s, i] for s, i in self.sources],
             "items": [{k: v for k, v in d.items()} for d in self.items],
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
 
     def _load(self, path: Path) -> None:
         payload = torch.load(path, weights_only=True)

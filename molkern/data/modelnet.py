@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from torch_geometric.data import Data
 
+from ..io import atomic_path, atomic_write
 from .shapes import SHAPE_CLASSES, generate_mesh, sample_surface
 
 __all__ = [
@@ -126,23 +126,10 @@ def read_points_txt(path: PathLike, max_points: Optional[int] = None) -> Tuple[n
     return data[:, :3], data[:, 3:]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_points_txt(path: PathLike, points: np.ndarray, normals: np.ndarray) -> None:
     """Write points and normals in the resampled ModelNet text format (atomically)."""
     rows = np.concatenate([np.asarray(points), np.asarray(normals)], axis=1)
-    _atomic_write_text(Path(path), "\n".join(",".join(f"{v:.6f}" for v in row) for row in rows) + "\n")
+    atomic_write(Path(path), "\n".join(",".join(f"{v:.6f}" for v in row) for row in rows) + "\n")
 
 
 def write_off(path: PathLike, vertices: np.ndarray, faces: np.ndarray) -> None:
@@ -150,7 +137,7 @@ def write_off(path: PathLike, vertices: np.ndarray, faces: np.ndarray) -> None:
     lines = ["OFF", f"{len(vertices)} {len(faces)} 0"]
     lines += [f"{x:.6f} {y:.6f} {z:.6f}" for x, y, z in vertices]
     lines += [f"3 {a} {b} {c}" for a, b, c in faces]
-    _atomic_write_text(Path(path), "\n".join(lines) + "\n")
+    atomic_write(Path(path), "\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- dataset layouts
@@ -258,10 +245,10 @@ def write_procedural_dataset(
                 write_points_txt(root / name / f"{shape_id}.txt", *sample_surface(vertices, faces, num_points, rng))
             lists[part].append(shape_id)
     if format == "txt":
-        _atomic_write_text(root / f"{prefix}_shape_names.txt", "\n".join(classes) + "\n")
+        atomic_write(root / f"{prefix}_shape_names.txt", "\n".join(classes) + "\n")
         for part, ids in lists.items():
-            _atomic_write_text(root / f"{prefix}_{part}.txt", "\n".join(ids) + "\n")
-    _atomic_write_text(meta, json.dumps(params, indent=1))
+            atomic_write(root / f"{prefix}_{part}.txt", "\n".join(ids) + "\n")
+    atomic_write(meta, json.dumps(params, indent=1))
     return root
 
 
@@ -309,12 +296,8 @@ def _load_part(root: Path, part: str, num_points: int, seed: int, cache_dir: Opt
     labels = np.array([label for _, label in items], dtype=np.int64)
     if cache is not None:
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz.tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, clouds=clouds, labels=labels)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, cache)
+            with atomic_path(cache) as tmp:
+                np.savez(tmp, clouds=clouds, labels=labels)
         except OSError as err:
             log.warning("could not write cache %s (%s); continuing without it", cache, err)
     return classes, clouds, labels

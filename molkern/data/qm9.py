@@ -53,7 +53,6 @@ the bytes of each raw file; for a folder of xyz files, of the names, sizes and m
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import importlib.metadata
@@ -64,7 +63,6 @@ import multiprocessing
 import os
 import re
 import tarfile
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -74,6 +72,7 @@ import numpy as np
 import torch
 from torch_geometric.data import Data, Dataset
 
+from ..io import atomic_write
 from .bonds import ATOMIC_NUMBERS, BondPerceptionError, atom_type_index, bond_arrays, perceive_bonds
 from .graph import molecule_edges, molecule_graph
 
@@ -572,21 +571,6 @@ def _run(tasks: Iterator[tuple], total: int, num_workers: int, progress: bool):
     return results
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _encode_cache(header: dict, payload: dict) -> bytes:
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -773,8 +757,8 @@ class QM9(Dataset):
         elif self.cache_path.exists():
             status = "rebuilt"
         payload = self._build(expected)
-        _atomic_write(self.cache_path, _encode_cache(expected, payload))
-        _atomic_write(self.report_path, json.dumps(json.loads(payload["report"]), indent=1).encode())
+        atomic_write(self.cache_path, _encode_cache(expected, payload))
+        atomic_write(self.report_path, json.dumps(json.loads(payload["report"]), indent=1).encode())
         self._set_payload(payload)
         self.cache_status = status
         failed = self.report["num_failed"]
@@ -962,7 +946,7 @@ class QM9(Dataset):
         parts = split_indices(name, num_molecules, train_subset)
         buf = io.BytesIO()
         np.savez(buf, train_idx=parts["train"], val_idx=parts["val"], test_idx=parts["test"], name=np.array(name))
-        _atomic_write(path, buf.getvalue())
+        atomic_write(path, buf.getvalue())
         return path
 
     @staticmethod

@@ -19,12 +19,13 @@ Writes ``<out>/emt_md.json`` and ``<out>/emt_md.png`` (atomically). Units: eV, A
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..io import atomic_write, save_figure
 
 LATTICE = {"Cu": 3.61, "Pt": 3.92, "Ni": 3.52, "Pd": 3.89, "Ag": 4.09, "Au": 4.08, "Al": 4.05}
 
@@ -254,9 +255,7 @@ def run(args):
     result["seconds"] = round(time.perf_counter() - start, 1)
 
     _plot(out / "emt_md.png", curves, lang, args, n)
-    tmp = out / f"emt_md.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / "emt_md.json")
+    atomic_write(out / "emt_md.json", json.dumps(result, indent=2))
     print(f"wrote {out / 'emt_md.json'} and {out / 'emt_md.png'} ({result['seconds']} s)")
     return result
 
@@ -287,10 +286,8 @@ def _plot(path: Path, curves, lang, args, n):
     for a in ax.ravel():
         a.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + f".tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -44,6 +43,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch_geometric.loader import DataLoader
 
 from ..data.modelnet import ModelNet, write_procedural_dataset
+from ..io import atomic_write, save_figure
 from ..models import normalize_activations
 from ..models.baselines import count_parameters, match_width
 from ..models.pointcloud import PointCloudClassifier
@@ -254,20 +254,8 @@ def plot(summary: List[Dict[str, Any]], groups: List[str], implicit: str, datase
     ax.set_title(f"{dataset}: accuracy per symmetry group G")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=150)
+    save_figure(fig, path, dpi=150)
     plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-    os.replace(tmp, path)
 
 
 def _run(job: Dict[str, Any]) -> Dict[str, Any]:
@@ -301,7 +289,7 @@ def main(argv=None):
         result = json.loads((out / "results.json").read_text())
         groups = list(result["config"].get("groups", ["c1", "so2", "o2", "cinfh", "so3", "o3"]))
         implicit = result["config"].get("kernel", "factorised")
-        _write_atomic(out / "results.md", table(result["summary"], groups, implicit)
+        atomic_write(out / "results.md", table(result["summary"], groups, implicit)
                       + f"\nwall time {result['seconds']:.0f} s ({result.get('jobs', 1)} job(s))\n")  # fmt: skip
         for name in result["datasets"]:
             plot(result["summary"], groups, implicit, name, out / f"pointcloud_{name}.png")
@@ -360,7 +348,7 @@ def main(argv=None):
               f"(best val {run['best_val_acc']:.4f} at epoch {run['best_epoch']}, {run['seconds']:.0f} s)", flush=True)
         result = {"config": config, "datasets": datasets, "parameter_counts": counts, "runs": runs,
                   "summary": summarise(runs), "jobs": args.jobs, "seconds": time.perf_counter() - start}  # fmt: skip
-        _write_atomic(out / "results.json", json.dumps(result, indent=2))
+        atomic_write(out / "results.json", json.dumps(result, indent=2))
 
     if args.jobs > 1:
         import multiprocessing
@@ -375,9 +363,9 @@ def main(argv=None):
     summary = summarise(runs)
     result = {"config": config, "datasets": datasets, "parameter_counts": counts, "runs": runs, "summary": summary,
               "jobs": args.jobs, "seconds": time.perf_counter() - start}  # fmt: skip
-    _write_atomic(out / "results.json", json.dumps(result, indent=2))
+    atomic_write(out / "results.json", json.dumps(result, indent=2))
     text = table(summary, groups, implicit)
-    _write_atomic(out / "results.md", text + f"\nwall time {time.perf_counter() - start:.0f} s ({args.jobs} job(s))\n")
+    atomic_write(out / "results.md", text + f"\nwall time {time.perf_counter() - start:.0f} s ({args.jobs} job(s))\n")
     for name in datasets:
         plot(summary, groups, implicit, name, out / f"pointcloud_{name}.png")
     print("\n" + text)

@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from torch_geometric.loader import DataLoader
 
+from ..io import atomic_write
 from ..data.atoms import AtomsDataset, element_numbers
 from ..models import MolkernNet, average_num_neighbors, build_model, normalize_activations
 from ..nn.scatter import scatter_sum
@@ -401,10 +402,7 @@ class AtomsDataModule(L.LightningDataModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"seed": self.hparams.seed, "paths": [str(p) for p in self.dataset.paths],
                    "sources": self.dataset.sources, **self.split_indices}
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, json.dumps(payload))
 
     @property
     def train_dataset(self):

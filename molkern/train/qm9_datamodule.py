@@ -1,7 +1,6 @@
 """QM9 splits as a LightningDataModule: one-time processing, literature splits, subsets, saved split indices."""
 
 import io
-import os
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -11,6 +10,7 @@ import torch
 from torch_geometric.loader import DataLoader
 
 from ..data.qm9 import QM9
+from ..io import atomic_write
 
 
 class QM9DataModule(L.LightningDataModule):
@@ -87,16 +87,11 @@ class QM9DataModule(L.LightningDataModule):
 
     def save_splits(self, path) -> Path:
         """Write the indices used as ``splits.npz`` (train_idx, val_idx, test_idx, name), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         parts = {part: view.mol_idx for part, view in self.parts.items()}
         buf = io.BytesIO()
         np.savez(buf, train_idx=parts["train"], val_idx=parts["val"], test_idx=parts["test"],
                  name=np.array(self.hparams.split))
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, buf.getvalue())
 
     def target_stats(self, targets, extensive) -> Dict[str, torch.Tensor]:
         """Normalisation of the chosen targets from the training part only.

@@ -1,11 +1,12 @@
 """Test report: MAE per target in the targets' units (printed and JSON) and a parity plot."""
 
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from ..io import atomic_write, save_figure
 
 
 def mae_table(names: Sequence[str], units: Sequence[str], mae: Sequence[float], count: int) -> str:
@@ -32,9 +33,7 @@ def write_test_report(folder: Path, names: Sequence[str], units: Sequence[str],
     result = {"num_molecules": int(pred.shape[0]),
               "mae": {n: {"value": m, "unit": u} for n, u, m in zip(names, units, mae)}}
     print(mae_table(names, units, mae, int(pred.shape[0])))
-    tmp = folder / "test_mae.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, folder / "test_mae.json")
+    atomic_write(folder / "test_mae.json", json.dumps(result, indent=2))
 
     cols = min(len(names), 4)
     rows = (len(names) + cols - 1) // cols
@@ -52,8 +51,6 @@ def write_test_report(folder: Path, names: Sequence[str], units: Sequence[str],
         ax.set_xlabel(f"true [{units[k]}]")
         ax.set_ylabel(f"predicted [{units[k]}]")
     fig.tight_layout()
-    tmp = folder / "parity.tmp.png"
-    fig.savefig(tmp, dpi=120)
+    save_figure(fig, folder / "parity.png")
     plt.close(fig)
-    os.replace(tmp, folder / "parity.png")
     return result
