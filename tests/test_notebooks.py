@@ -12,7 +12,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-SLOW = {"04_molecules_and_ase.ipynb", "05_point_clouds.ipynb"}  # file names of notebooks that take more than ~20 s
+SLOW = {"02_qm9.ipynb", "04_molecules_and_ase.ipynb", "05_point_clouds.ipynb"}  # file names of notebooks that take more than ~20 s
 
 
 @pytest.mark.parametrize(
