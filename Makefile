@@ -20,8 +20,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+# one torch thread: these small models run fastest that way on 2 cores, and never oversubscribe a busy machine
 demo: $(STAMP)
-	$(BIN)/python -m molkern.demo
+	OMP_NUM_THREADS=1 $(BIN)/python -m molkern.demo
 
 # glibc returning freed memory to the OS makes fresh large tensors ~5x slower: keep it for benchmark runs
 bench: $(STAMP)
