@@ -3,6 +3,7 @@
 from .conv import SteerableConv
 from .edges import EdgeEmbedding, Edges
 from .interaction import InteractionBlock
+from .channelwise import ChannelwiseProduct
 from .kernels import ImplicitKernel, StandardKernel, channelwise_tensor_product, kernel_irreps, kernel_matrix
 from .mlp import EquivariantMLP, irreps_up_to, make_gate
 from .radial import BesselBasis, PolynomialCutoff
@@ -12,6 +13,7 @@ from .voxel import DenseSteerableConv3d, VoxelAvgPool, VoxelGate, VoxelInvariant
 
 __all__ = [
     "BesselBasis",
+    "ChannelwiseProduct",
     "DenseSteerableConv3d",
     "EdgeEmbedding",
     "Edges",

@@ -11,6 +11,7 @@ from e3nn import nn as enn
 from e3nn import o3
 from torch import nn
 
+from .channelwise import ChannelwiseProduct
 from .edges import Edges
 from .mlp import EquivariantMLP, filter_irreps, irreps_up_to, reachable_irreps
 from .eager import eager_e3nn
@@ -115,12 +116,21 @@ class ImplicitKernel(nn.Module):
             self.irreps_angular = irreps_h
         else:
             self.irreps_angular = o3.Irreps([(1, ir) for ir in blocks])
-            self.tp = channelwise_tensor_product(self.irreps_in, self.irreps_angular, irreps_out)
+            self.tp = ChannelwiseProduct(self.irreps_in, self.irreps_angular, irreps_out)
             self.irreps_out = self.tp.irreps_out
             irreps_mlp_out = self.irreps_angular + o3.Irreps(f"{self.tp.weight_numel}x0e")
             self.mlp = EquivariantMLP(irreps_kernel_in, hidden, irreps_mlp_out, mlp_layers, batch_norm)
 
     def forward(self, node_feats_src: torch.Tensor, edges: Edges) -> torch.Tensor:
+        """Messages k(x_ij, z) f_j: (E, irreps_in.dim) -> (E, irreps_out.dim)."""
+        return self.arrange(self.messages(node_feats_src, edges))
+
+    def arrange(self, messages: torch.Tensor) -> torch.Tensor:
+        """Messages (or sums of them) from `messages`' column order into irreps_out's layout."""
+        return messages if self.form == "full" else self.tp.arrange(messages)
+
+    def messages(self, node_feats_src: torch.Tensor, edges: Edges) -> torch.Tensor:
+        """Messages in the product's column order (see ChannelwiseProduct): (E, irreps_out.dim)."""
         h = self.mlp(edges.kernel_in)  # (E, irreps_mlp_out.dim)
         # the messages are linear in h (full) or in the path weights (factorised): apply the cutoff envelope
         # there, on the narrower tensor
@@ -128,7 +138,7 @@ class ImplicitKernel(nn.Module):
             return self.tp(node_feats_src, h * edges.envelope)  # (E, irreps_out.dim)
         angular = h[:, : self.irreps_angular.dim]  # (E, irreps_angular.dim)
         weights = h[:, self.irreps_angular.dim :] * edges.envelope  # (E, tp.weight_numel)
-        return self.tp(node_feats_src, angular, weights)  # (E, irreps_out.dim)
+        return self.tp(node_feats_src, angular, weights)  # (E, irreps_out.dim), internal order
 
 
 class StandardKernel(nn.Module):
@@ -140,6 +150,8 @@ class StandardKernel(nn.Module):
         irreps_sh: `EdgeEmbedding.irreps_sh`.
         num_radial: width of `edges.radial`.
         mlp_width, mlp_layers: hidden width and depth of the radial MLP.
+        fused: use molkern's fused ChannelwiseProduct (default); False runs e3nn's TensorProduct, as NequIP does
+            (same map, slower; kept for benchmarks).
 
     Shapes:
         node_feats_src: (E, irreps_in.dim) -> (E, irreps_out.dim)
@@ -154,17 +166,29 @@ class StandardKernel(nn.Module):
         num_radial: int,
         mlp_width: int = 64,
         mlp_layers: int = 2,
+        fused: bool = True,
     ):
         super().__init__()
         self.irreps_in = o3.Irreps(irreps_in)
         self.irreps_sh = o3.Irreps(irreps_sh)
-        self.tp = channelwise_tensor_product(self.irreps_in, self.irreps_sh, irreps_out)
+        self.fused = fused
+        product = ChannelwiseProduct if fused else channelwise_tensor_product
+        self.tp = product(self.irreps_in, self.irreps_sh, irreps_out)
         self.irreps_out = self.tp.irreps_out
         self.radial_mlp = enn.FullyConnectedNet(
             [num_radial] + [mlp_width] * mlp_layers + [self.tp.weight_numel], torch.nn.functional.silu
         )
 
     def forward(self, node_feats_src: torch.Tensor, edges: Edges) -> torch.Tensor:
+        """Messages R(|x|) Y(x) f_j: (E, irreps_in.dim) -> (E, irreps_out.dim)."""
+        return self.arrange(self.messages(node_feats_src, edges))
+
+    def arrange(self, messages: torch.Tensor) -> torch.Tensor:
+        """Messages (or sums of them) from `messages`' column order into irreps_out's layout."""
+        return self.tp.arrange(messages) if self.fused else messages
+
+    def messages(self, node_feats_src: torch.Tensor, edges: Edges) -> torch.Tensor:
+        """Messages in the product's column order: (E, irreps_out.dim)."""
         if edges.sh is None:
             raise ValueError("StandardKernel needs edges.sh: build its EdgeEmbedding with kernel_input=False")
         weights = self.radial_mlp(edges.radial) * edges.envelope  # (E, tp.weight_numel)

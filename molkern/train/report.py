@@ -23,10 +23,7 @@ def write_test_report(folder: Path, names: Sequence[str], units: Sequence[str],
     Shapes:
         pred, target: (M, T) in the targets' units
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     folder.mkdir(parents=True, exist_ok=True)
     mae = (pred - target).abs().mean(0).tolist() if len(pred) else [float("nan")] * len(names)
@@ -37,7 +34,8 @@ def write_test_report(folder: Path, names: Sequence[str], units: Sequence[str],
 
     cols = min(len(names), 4)
     rows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for k, ax in enumerate(axes.flat):
         if k >= len(names):
             ax.axis("off")
@@ -52,5 +50,4 @@ def write_test_report(folder: Path, names: Sequence[str], units: Sequence[str],
         ax.set_ylabel(f"predicted [{units[k]}]")
     fig.tight_layout()
     save_figure(fig, folder / "parity.png")
-    plt.close(fig)
     return result

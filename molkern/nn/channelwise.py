@@ -1,0 +1,131 @@
+"""The channel-wise ("uvu") tensor product of the kernels, fused into a few batched matrix products.
+
+Both kernel forms and the standard kernel apply, per edge e and channel u of the source features,
+
+    out_p[e, u, k] = w[e, p, u] * c_p * sum_{i,j} C^{l1 l2 l3}[i, j, k] x_{l1}[e, u, i] a_{l2}[e, j]
+
+for every path p = (l1, l2 -> l3), with a the angular vector (multiplicity one) and w per-edge weights.
+e3nn's `o3.TensorProduct` runs this as one einsum chain per path (14 paths, ~100 autograd nodes for
+lmax = 2 features and an l <= 4 band). Here all paths that read the same input irrep l1 are one
+product: the angular vector is first contracted with the Clebsch-Gordan coefficients of all of them
+(one matmul against a constant), giving per edge a (2 l1 + 1) x K matrix, and the features are then
+multiplied by it (one batched matmul). Values are e3nn's; the weights are ordered per input irrep, channel,
+path (`e3nn_weight_order` maps e3nn's order to ours) and the output columns come in an internal order that
+`arrange` permutes into irreps_out's layout (callers that sum over edges arrange the sums).
+"""
+
+from typing import List
+
+import torch
+from e3nn import o3
+from torch import nn
+
+
+class ChannelwiseProduct(nn.Module):
+    """Fused uvu product with per-edge weights; numerically the same map as `o3.TensorProduct`.
+
+    Args:
+        irreps_in: irreps of x (multiplicities U_i).
+        irreps_angular: irreps of a, every multiplicity 1.
+        irreps_out: wanted output irreps; every path l1 x l2 -> l3 with l3 in irreps_out is kept and gets its
+            own output block of multiplicity U_i; blocks are sorted by irrep (as `channelwise_tensor_product`).
+
+    Attributes:
+        irreps_out: the sorted output layout; weight_numel: width of the weights; instructions:
+            (i_in, i_angular, i_out, path_weight) per path, in weight order.
+
+    Shapes:
+        x: (E, irreps_in.dim), angular: (E, irreps_angular.dim), weights: (E, weight_numel)
+            -> (E, irreps_out.dim) in the internal column order
+    """
+
+    def __init__(self, irreps_in: o3.Irreps, irreps_angular: o3.Irreps, irreps_out: o3.Irreps):
+        super().__init__()
+        self.irreps_in = o3.Irreps(irreps_in)
+        self.irreps_angular = o3.Irreps(irreps_angular)
+        if any(mul != 1 for mul, _ in self.irreps_angular):
+            raise ValueError(f"irreps_angular must have multiplicity 1 everywhere, got {self.irreps_angular}")
+        keep = {ir for _, ir in o3.Irreps(irreps_out)}
+        paths = [(i, j, ir) for i, (_, ir_in) in enumerate(self.irreps_in)
+                 for j, (_, ir_a) in enumerate(self.irreps_angular) for ir in ir_in * ir_a if ir in keep]
+        if not paths:
+            raise ValueError(f"no path connects {self.irreps_in} (x) {self.irreps_angular} to {irreps_out}")
+        mid = o3.Irreps([(self.irreps_in[i].mul, ir) for i, _, ir in paths])
+        self.irreps_out, perm, _ = mid.sort()  # perm[p]: output block of path p
+        # e3nn's normalisation ("component" irreps, "element" paths): c_p^2 = (2 l3 + 1) / (number of
+        # paths into the block) = 2 l3 + 1, since every block here has exactly one path
+        self.instructions = [(i, j, perm[p], (2 * ir.l + 1) ** 0.5) for p, (i, j, ir) in enumerate(paths)]
+        self.weight_numel = sum(self.irreps_in[i].mul for i, _, _ in paths)
+
+        a_slices, out_slices = self.irreps_angular.slices(), self.irreps_out.slices()
+        self._groups = []  # per input irrep: (index, mul U, d1, number of paths P, K = summed output dims)
+        source_of_column = torch.empty(self.irreps_out.dim, dtype=torch.long)
+        e3nn_weight_order = []  # our weight column of each of e3nn's weight columns
+        weight_offset = offset = 0  # column offsets in the weights and in the concatenated (E, U * K) products
+        for i, (mul, ir_in) in enumerate(self.irreps_in):
+            mine = [p for p, path in enumerate(paths) if path[0] == i]
+            if not mine:
+                continue
+            d1, widths = ir_in.dim, [paths[p][2].dim for p in mine]
+            K, P = sum(widths), len(mine)
+            cg = torch.zeros(self.irreps_angular.dim, d1, K, dtype=torch.float64)
+            spread = torch.zeros(P, K)  # path -> its output columns
+            col = 0
+            for n, (p, d3) in enumerate(zip(mine, widths)):
+                _, j, i_out, c = self.instructions[p]
+                w3j = o3.wigner_3j(ir_in.l, self.irreps_angular[j].ir.l, paths[p][2].l, dtype=torch.float64)
+                cg[a_slices[j], :, col : col + d3] = c * w3j.transpose(0, 1)  # (d2, d1, d3)
+                spread[n, col : col + d3] = 1.0
+                e3nn_weight_order.append(weight_offset + torch.arange(mul) * P + n)
+                # output block i_out holds (u, k) at u * d3 + k; the product has it at offset + u * K + col + k
+                u, k = torch.meshgrid(torch.arange(mul), torch.arange(d3), indexing="ij")
+                source_of_column[out_slices[i_out].start + (u * d3 + k).flatten()] = (offset + u * K + col + k).flatten()
+                col += d3
+            self.register_buffer(f"_cg_{i}", cg.flatten(1).to(torch.get_default_dtype()), persistent=False)
+            self.register_buffer(f"_spread_{i}", spread.to(torch.get_default_dtype()), persistent=False)
+            self._groups.append((i, mul, d1, P, K))
+            weight_offset, offset = weight_offset + mul * P, offset + mul * K
+        self.register_buffer("_source_of_column", source_of_column, persistent=False)
+        self.register_buffer("_column_of_source", torch.argsort(source_of_column), persistent=False)
+        self.register_buffer("e3nn_weight_order", torch.cat(e3nn_weight_order), persistent=False)
+        self._in_slices = self.irreps_in.slices()
+
+    def forward(self, x: torch.Tensor, angular: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The products in the internal layout (E, irreps_out.dim); `arrange` puts them in irreps_out's layout.
+
+        Both are linear in the rows, so sums over edges can run before `arrange` (on far fewer rows).
+        """
+        num_edges = x.shape[0]
+        parts: List[torch.Tensor] = []
+        start = 0
+        for i, mul, d1, P, K in self._groups:
+            cg = getattr(self, f"_cg_{i}").to(angular.dtype)
+            G = (angular @ cg).view(num_edges, d1, K)  # (E, d1, K): the angular vector through every path's CG
+            x_i = x[:, self._in_slices[i]].reshape(num_edges, mul, d1)  # (E, U, d1)
+            w = weights[:, start : start + mul * P].reshape(num_edges * mul, P)  # (E * U, P)
+            w = (w @ getattr(self, f"_spread_{i}").to(w.dtype)).view(num_edges, mul, K)  # (E, U, K)
+            y = x_i * G if d1 == 1 else torch.bmm(x_i, G)  # (E, U, K); bmm is slow for inner size 1
+            parts.append((y * w).view(num_edges, mul * K))
+            start += mul * P
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def arrange(self, products: torch.Tensor) -> torch.Tensor:
+        """(R, irreps_out.dim) internal layout -> irreps_out's layout (a column permutation)."""
+        return PermuteColumns.apply(products, self._source_of_column, self._column_of_source)
+
+    def extra_repr(self) -> str:
+        return f"{self.irreps_in} x {self.irreps_angular} -> {self.irreps_out}, {len(self.instructions)} paths"
+
+
+class PermuteColumns(torch.autograd.Function):
+    """x[:, perm] whose backward is the inverse gather (autograd's default, index_add_, is several times slower)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return torch.index_select(x, 1, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return torch.index_select(grad, 1, inverse), None, None
