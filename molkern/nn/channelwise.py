@@ -9,8 +9,8 @@ e3nn's `o3.TensorProduct` runs this as one einsum chain per path (14 paths, ~100
 lmax = 2 features and an l <= 4 band). Here all paths that read the same input irrep l1 are one
 product: the angular vector is first contracted with the Clebsch-Gordan coefficients of all of them
 (one matmul against a constant), giving per edge a (2 l1 + 1) x K matrix, and the features are then
-multiplied by it (one batched matmul). Values are e3nn's; the weights are ordered per input irrep, channel,
-path (`e3nn_weight_order` maps e3nn's order to ours) and the output columns come in an internal order that
+multiplied by it (one batched matmul). Values are e3nn's; the weights are ordered per input irrep, path (sorted
+by output size), channel (`e3nn_weight_order` maps e3nn's order to ours) and the output columns come in an internal order that
 `arrange` permutes into irreps_out's layout (callers that sum over edges arrange the sums).
 """
 
@@ -58,37 +58,42 @@ class ChannelwiseProduct(nn.Module):
         self.weight_numel = sum(self.irreps_in[i].mul for i, _, _ in paths)
 
         a_slices, out_slices = self.irreps_angular.slices(), self.irreps_out.slices()
-        self._groups = []  # per input irrep: (index, mul U, d1, number of paths P, K = summed output dims)
+        # per input irrep: (index, U, d1, K, runs); its paths sorted by output size d3, so that each run
+        # (first row, number of paths n, d3, first path) of equal d3 shares one broadcast of its weights
+        self._groups = []
         source_of_column = torch.empty(self.irreps_out.dim, dtype=torch.long)
-        e3nn_weight_order = []  # our weight column of each of e3nn's weight columns
-        weight_offset = offset = 0  # column offsets in the weights and in the concatenated (E, U * K) products
+        e3nn_weight_order = torch.empty(self.weight_numel, dtype=torch.long)  # ours, at e3nn's weight columns
+        e3nn_start = torch.tensor([0] + [self.irreps_in[i].mul for i, _, _ in paths]).cumsum(0)
+        weight_offset = offset = 0  # column offsets in the weights and in the concatenated (E, K * U) products
         for i, (mul, ir_in) in enumerate(self.irreps_in):
-            mine = [p for p, path in enumerate(paths) if path[0] == i]
+            mine = sorted((p for p, path in enumerate(paths) if path[0] == i), key=lambda p: paths[p][2].dim)
             if not mine:
                 continue
-            d1, widths = ir_in.dim, [paths[p][2].dim for p in mine]
-            K, P = sum(widths), len(mine)
-            cg = torch.zeros(self.irreps_angular.dim, d1, K, dtype=torch.float64)
-            spread = torch.zeros(P, K)  # path -> its output columns
-            col = 0
-            for n, (p, d3) in enumerate(zip(mine, widths)):
+            d1, K = ir_in.dim, sum(paths[p][2].dim for p in mine)
+            cg = torch.zeros(self.irreps_angular.dim, K, d1, dtype=torch.float64)
+            runs, row = [], 0
+            for n, p in enumerate(mine):
                 _, j, i_out, c = self.instructions[p]
+                d3 = paths[p][2].dim
                 w3j = o3.wigner_3j(ir_in.l, self.irreps_angular[j].ir.l, paths[p][2].l, dtype=torch.float64)
-                cg[a_slices[j], :, col : col + d3] = c * w3j.transpose(0, 1)  # (d2, d1, d3)
-                spread[n, col : col + d3] = 1.0
-                e3nn_weight_order.append(weight_offset + torch.arange(mul) * P + n)
-                # output block i_out holds (u, k) at u * d3 + k; the product has it at offset + u * K + col + k
+                cg[a_slices[j], row : row + d3, :] = c * w3j.permute(1, 2, 0)  # (d2, d3, d1)
+                e3nn_weight_order[e3nn_start[p] : e3nn_start[p] + mul] = weight_offset + n * mul + torch.arange(mul)
+                # output block i_out holds (u, k) at u * d3 + k; the product has it at offset + (row + k) * U + u
                 u, k = torch.meshgrid(torch.arange(mul), torch.arange(d3), indexing="ij")
-                source_of_column[out_slices[i_out].start + (u * d3 + k).flatten()] = (offset + u * K + col + k).flatten()
-                col += d3
+                source_of_column[out_slices[i_out].start + (u * d3 + k).flatten()] = (offset + (row + k) * mul + u).flatten()
+                if runs and runs[-1][2] == d3:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([row, 1, d3, n])
+                row += d3
             self.register_buffer(f"_cg_{i}", cg.flatten(1).to(torch.get_default_dtype()), persistent=False)
-            self.register_buffer(f"_spread_{i}", spread.to(torch.get_default_dtype()), persistent=False)
-            self._groups.append((i, mul, d1, P, K))
-            weight_offset, offset = weight_offset + mul * P, offset + mul * K
+            self._groups.append((i, mul, d1, K, [tuple(r) for r in runs]))
+            weight_offset, offset = weight_offset + mul * len(mine), offset + mul * K
         self.register_buffer("_source_of_column", source_of_column, persistent=False)
         self.register_buffer("_column_of_source", torch.argsort(source_of_column), persistent=False)
-        self.register_buffer("e3nn_weight_order", torch.cat(e3nn_weight_order), persistent=False)
-        self._in_slices = self.irreps_in.slices()
+        self.register_buffer("e3nn_weight_order", e3nn_weight_order, persistent=False)
+        self._in_dims = [mul_ir.dim for mul_ir in self.irreps_in]
+        self._run_widths = [n * mul for _, mul, _, _, runs in self._groups for _, n, _, _ in runs]
 
     def forward(self, x: torch.Tensor, angular: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The products in the internal layout (E, irreps_out.dim); `arrange` puts them in irreps_out's layout.
@@ -97,16 +102,17 @@ class ChannelwiseProduct(nn.Module):
         """
         num_edges = x.shape[0]
         parts: List[torch.Tensor] = []
-        start = 0
-        for i, mul, d1, P, K in self._groups:
+        # torch.split, not slicing: the backward of a split is one cat, each slice's would be a zero-filled copy
+        x_blocks = torch.split(x, self._in_dims, dim=1)
+        w_runs = iter(torch.split(weights, self._run_widths, dim=1))
+        for i, mul, d1, K, runs in self._groups:
             cg = getattr(self, f"_cg_{i}").to(angular.dtype)
-            G = (angular @ cg).view(num_edges, d1, K)  # (E, d1, K): the angular vector through every path's CG
-            x_i = x[:, self._in_slices[i]].reshape(num_edges, mul, d1)  # (E, U, d1)
-            w = weights[:, start : start + mul * P].reshape(num_edges * mul, P)  # (E * U, P)
-            w = (w @ getattr(self, f"_spread_{i}").to(w.dtype)).view(num_edges, mul, K)  # (E, U, K)
-            y = x_i * G if d1 == 1 else torch.bmm(x_i, G)  # (E, U, K); bmm is slow for inner size 1
-            parts.append((y * w).view(num_edges, mul * K))
-            start += mul * P
+            G = (angular @ cg).view(num_edges, K, d1)  # (E, K, d1): the angular vector through every path's CG
+            x_i = x_blocks[i].view(num_edges, mul, d1).transpose(1, 2)  # (E, d1, U)
+            y = G * x_i if d1 == 1 else torch.bmm(G, x_i)  # (E, K, U); bmm is slow for inner size 1
+            y_runs = torch.split(y, [n * d3 for _, n, d3, _ in runs], dim=1)
+            for y_run, w, (_, n, d3, _) in zip(y_runs, w_runs, runs):  # weights (E, n, 1, U) broadcast over d3
+                parts.append((y_run.view(num_edges, n, d3, mul) * w.view(num_edges, n, 1, mul)).view(num_edges, -1))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def arrange(self, products: torch.Tensor) -> torch.Tensor:

@@ -136,8 +136,8 @@ class ImplicitKernel(nn.Module):
         # there, on the narrower tensor
         if self.form == "full":
             return self.tp(node_feats_src, h * edges.envelope)  # (E, irreps_out.dim)
-        angular = h[:, : self.irreps_angular.dim]  # (E, irreps_angular.dim)
-        weights = h[:, self.irreps_angular.dim :] * edges.envelope  # (E, tp.weight_numel)
+        angular, weights = torch.split(h, [self.irreps_angular.dim, self.tp.weight_numel], dim=1)
+        weights = weights * edges.envelope  # (E, tp.weight_numel)
         return self.tp(node_feats_src, angular, weights)  # (E, irreps_out.dim), internal order
 
 
