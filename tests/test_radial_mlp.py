@@ -52,3 +52,25 @@ def test_equivariant_mlp(dtype, batch_norm):
     mlp.eval()
     x = torch.randn(7, mlp.irreps_in.dim)
     assert_equivariant(mlp, groups.get("o3"), [x], [mlp.irreps_in], mlp.irreps_out)
+
+
+@pytest.mark.parametrize("irreps", [ALL_PARITIES, "8x0e+8x1o+8x2e+8x3o+8x4e", "4x0e+2x0o", "3x1o+2x2e"])
+def test_gate_equals_e3nn_gate(irreps):
+    """molkern's lean Gate computes exactly e3nn's Gate (layout, normalised activations, gating)."""
+    from e3nn import nn as enn
+    from e3nn import o3
+
+    gate = make_gate(irreps)
+    out = o3.Irreps(irreps).simplify()
+    scalars = o3.Irreps([(m, ir) for m, ir in out if ir.l == 0])
+    gated = o3.Irreps([(m, ir) for m, ir in out if ir.l > 0])
+    acts = [torch.nn.functional.silu if ir.p == 1 else torch.tanh for _, ir in scalars]
+    gates = o3.Irreps(f"{gated.num_irreps}x0e") if gated.num_irreps else o3.Irreps("")
+    reference = enn.Gate(scalars, acts, gates, [torch.sigmoid] if gated.num_irreps else [], gated)
+    assert gate.irreps_in == reference.irreps_in and gate.irreps_out == reference.irreps_out
+    x = torch.randn(2, 5, gate.irreps_in.dim, dtype=torch.float64, requires_grad=True)
+    out, out_ref = gate(x), reference(x)
+    assert torch.allclose(out, out_ref, rtol=0, atol=1e-12)
+    probe = torch.randn_like(out)
+    (g,), (g_ref,) = torch.autograd.grad((out * probe).sum(), x), torch.autograd.grad((out_ref * probe).sum(), x)
+    assert torch.allclose(g, g_ref, rtol=0, atol=1e-12)

@@ -261,12 +261,10 @@ def run(args):
 
 
 def _plot(path: Path, curves, lang, args, n):
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(2, 2, figsize=(11, 8))
+    fig = Figure(figsize=(11, 8))
+    ax = fig.subplots(2, 2)
     for name, style in (("model", "-"), ("emt", "--")):
         e = curves[f"nve_{name}"]
         t = np.arange(len(e)) * args.dt
@@ -287,7 +285,6 @@ def _plot(path: Path, curves, lang, args, n):
         a.legend()
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

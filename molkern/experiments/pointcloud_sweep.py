@@ -228,13 +228,11 @@ def table(summary: List[Dict[str, Any]], groups: List[str], implicit: str) -> st
 
 def plot(summary: List[Dict[str, Any]], groups: List[str], implicit: str, dataset: str, path: Path) -> None:
     """Bars per group (implicit orange, standard blue, as in the paper's Figure 3), error bars = std."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     cell = {(s["group"], s["kernel"]): s for s in summary if s["dataset"] == dataset}
-    fig, ax = plt.subplots(figsize=(1.3 * len(groups) + 1.5, 3.6))
+    fig = Figure(figsize=(1.3 * len(groups) + 1.5, 3.6))
+    ax = fig.subplots()
     width = 0.38
     bars = [(-width / 2, "standard", "tab:blue", "standard kernel"),
             (width / 2, implicit, "tab:orange", f"implicit kernel ({implicit})")]
@@ -255,7 +253,6 @@ def plot(summary: List[Dict[str, Any]], groups: List[str], implicit: str, datase
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     save_figure(fig, path, dpi=150)
-    plt.close(fig)
 
 
 def _run(job: Dict[str, Any]) -> Dict[str, Any]:

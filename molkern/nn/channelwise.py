@@ -124,14 +124,14 @@ class ChannelwiseProduct(nn.Module):
 
 
 class PermuteColumns(torch.autograd.Function):
-    """x[:, perm] whose backward is the inverse gather (autograd's default, index_add_, is several times slower)."""
+    """x[..., perm] for a permutation perm, whose backward is the inverse gather (autograd's default, index_add_, is several times slower)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(inverse)
-        return torch.index_select(x, 1, perm)
+        return torch.index_select(x, -1, perm)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        return torch.index_select(grad, 1, inverse), None, None
+        return torch.index_select(grad, -1, inverse), None, None

@@ -6,6 +6,7 @@ import torch
 from e3nn import nn as enn
 from e3nn import o3
 from torch import nn
+from .channelwise import PermuteColumns
 from .eager import eager_e3nn
 
 
@@ -41,7 +42,46 @@ def reachable_irreps(irreps_in: o3.Irreps) -> List[o3.Irrep]:
     return sorted({ir for _, ir in o3.Irreps(irreps_in)} | {o3.Irrep("0e")})
 
 
-def make_gate(irreps_out: o3.Irreps) -> enn.Gate:
+class Gate(nn.Module):
+    """e3nn's gated nonlinearity (same layout, activations and values) in a handful of tensor operations.
+
+    e3nn's `Gate` extracts its three parts with per-block slices and multiplies with an
+    ElementwiseTensorProduct (hundreds of autograd nodes at l <= 4); here one optional column permutation,
+    one split, the two activations and one broadcast product per gated block.
+
+    Shapes:
+        x: (B, irreps_in.dim) laid out as irreps_in (sorted: scalars and gates first) -> (B, irreps_out.dim)
+    """
+
+    def __init__(self, gate: enn.Gate):
+        super().__init__()
+        self.irreps_in, self.irreps_out = gate.irreps_in, gate.irreps_out
+        self.act_scalars, self.act_gates = gate.act_scalars, gate.act_gates  # e3nn's normalised activations
+        extract = gate.sc.cut  # Extract: input entries (sorted irreps) of scalars, gates and gated
+        slices = extract.irreps_in.slices()
+        columns = [c for part in extract.instructions for k in part for c in range(slices[k].start, slices[k].stop)]
+        self.register_buffer("_columns", torch.tensor(columns, dtype=torch.long), persistent=False)
+        self.register_buffer("_inverse", torch.argsort(self._columns), persistent=False)
+        self._permute = columns != list(range(len(columns)))
+        self._sizes = [irreps.dim for irreps in extract.irreps_outs]  # scalars, gates, gated
+        self._gated = [(mul, ir.dim) for mul, ir in extract.irreps_outs[2]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._permute:
+            x = PermuteColumns.apply(x, self._columns, self._inverse)
+        scalars, gates, gated = torch.split(x, self._sizes, dim=-1)
+        scalars = self.act_scalars(scalars)
+        if not self._gated:
+            return scalars
+        gates = torch.split(self.act_gates(gates), [mul for mul, _ in self._gated], dim=-1)
+        blocks = torch.split(gated, [mul * d for mul, d in self._gated], dim=-1)
+        batch = x.shape[:-1]
+        out = [scalars] + [(block.reshape(*batch, mul, d) * g.unsqueeze(-1)).reshape(*batch, mul * d)
+                           for block, g, (mul, d) in zip(blocks, gates, self._gated)]
+        return torch.cat(out, dim=-1)
+
+
+def make_gate(irreps_out: o3.Irreps) -> Gate:
     """Gate whose output irreps are `irreps_out` (scalars first, in its own order).
 
     Even scalars use SiLU, odd scalars tanh (odd, so 0o stays 0o); every l > 0 channel is multiplied
@@ -52,7 +92,7 @@ def make_gate(irreps_out: o3.Irreps) -> enn.Gate:
     gated = o3.Irreps([(mul, ir) for mul, ir in irreps_out if ir.l > 0])
     acts = [torch.nn.functional.silu if ir.p == 1 else torch.tanh for _, ir in scalars]
     gates = o3.Irreps(f"{gated.num_irreps}x0e") if gated.num_irreps > 0 else o3.Irreps("")
-    return enn.Gate(scalars, acts, gates, [torch.sigmoid] if gated.num_irreps > 0 else [], gated)
+    return Gate(enn.Gate(scalars, acts, gates, [torch.sigmoid] if gated.num_irreps > 0 else [], gated))
 
 
 class EquivariantMLP(nn.Module):
