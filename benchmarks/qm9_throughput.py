@@ -106,29 +106,41 @@ def make_pyg_models():
 
         def __init__(self):
             super().__init__()
-            self.edge_index = None
+            self.edge_index, self.edge_shift = None, None
 
         def forward(self, pos, batch):
             row, col = self.edge_index
-            return self.edge_index, (pos[row] - pos[col]).norm(dim=-1)  # (2, E), (E,) Angstrom
+            vec = pos[row] - pos[col]  # (E, 3) Angstrom
+            if self.edge_shift is not None:  # periodic images: pos[j] - pos[i] + shift
+                vec = vec + self.edge_shift.to(vec.dtype)
+            return self.edge_index, vec.norm(dim=-1)  # (2, E), (E,) Angstrom
 
     class SchNetGivenEdges(SchNet):
         def __init__(self, **kwargs):
             super().__init__(interaction_graph=GivenEdges(), **kwargs)
 
-        def forward(self, z, pos, batch, edge_index):
-            self.interaction_graph.edge_index = edge_index
+        def forward(self, z, pos, batch, edge_index, edge_shift=None):
+            self.interaction_graph.edge_index, self.interaction_graph.edge_shift = edge_index, edge_shift
             try:
                 return super().forward(z, pos, batch)
             finally:
-                self.interaction_graph.edge_index = None
+                self.interaction_graph.edge_index, self.interaction_graph.edge_shift = None, None
 
     class DimeNetPlusPlusGivenEdges(DimeNetPlusPlus):
-        def forward(self, z, pos, batch, edge_index):
-            """PyG 2.8.1 DimeNet.forward (DimeNet++ branch), with the given edges and plain-torch triplets."""
+        def forward(self, z, pos, batch, edge_index, edge_shift=None):
+            """PyG 2.8.1 DimeNet.forward (DimeNet++ branch), with the given edges and plain-torch triplets.
+
+            With ``edge_shift`` (E, 3) Angstrom (periodic images, edge vector pos[j] - pos[i] + shift), distances
+            and angles come from the shifted edge vectors; triplets k -> j -> i still exclude k == i by index.
+            """
             i, j, idx_i, idx_j, idx_k, idx_kj, idx_ji = triplets(edge_index, num_nodes=z.size(0))
-            dist = (pos[i] - pos[j]).pow(2).sum(dim=-1).sqrt()
-            pos_jk, pos_ij = pos[idx_j] - pos[idx_k], pos[idx_i] - pos[idx_j]
+            if edge_shift is None:
+                dist = (pos[i] - pos[j]).pow(2).sum(dim=-1).sqrt()
+                pos_jk, pos_ij = pos[idx_j] - pos[idx_k], pos[idx_i] - pos[idx_j]
+            else:
+                vec = pos[j] - pos[i] + edge_shift.to(pos.dtype)  # (E, 3) x_j - x_i
+                dist = vec.pow(2).sum(dim=-1).sqrt()
+                pos_jk, pos_ij = -vec[idx_kj], -vec[idx_ji]  # x_j - x_k, x_i - x_j
             a = (pos_ij * pos_jk).sum(dim=-1)
             b = torch.cross(pos_ij, pos_jk, dim=1).norm(dim=-1)
             angle = torch.atan2(b, a)

@@ -92,3 +92,186 @@ def test_dimenet_given_edges_equals_pyg_forward(qm9_throughput, monkeypatch):
     reference = dimenet.DimeNet.forward(model, z, pos, batch)
     assert ours.shape == (2, 1) and ours.abs().sum() > 0
     torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------- the suite (python -m benchmarks)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The benchmarks package, imported from the repository root."""
+    import sys
+
+    root = str(BENCHMARKS.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import benchmarks.flops
+    import benchmarks.models
+    import benchmarks.peers.painn
+    import benchmarks.suite
+    import benchmarks.systems
+
+    return benchmarks
+
+
+@pytest.mark.slow  # ~50 s: one process per model
+def test_suite_quick(bench, tmp_path, monkeypatch):
+    """`python -m benchmarks run --quick` on 40 molecules: every table and file exists, skipped peers have a reason.
+
+    PaiNN is reported as unavailable here to check the skip path; nequip runs if installed, else is skipped.
+    """
+    real = bench.suite.unavailable_reason
+    monkeypatch.setattr(bench.suite, "unavailable_reason",
+                        lambda name: "not installed (test)" if name == "painn" else real(name))
+    models = ["molkern-factorised-l1", "schnet", "painn", "nequip-l1"]
+    out = tmp_path / "results"
+    result = bench.suite.run(["--quick", "--threads", "1", "--root", str(tmp_path / "qm9"), "--max-molecules", "40",
+                              "--models", ",".join(models), "--out", str(out)])
+    assert result["settings"]["quick"] and list(result["models"]) == models
+    assert result["models"]["painn"]["status"] == "skipped: not installed (test)"
+    nequip_missing = real("nequip-l1")
+    assert (result["models"]["nequip-l1"]["status"] != "run") == (nequip_missing is not None)
+    ran = [m for m in models if result["models"][m]["status"] == "run"]
+    assert "painn" not in ran and {"molkern-factorised-l1", "schnet"} <= set(ran)
+    assert result["results"]["machine"]["-"]["matmul_gflop_per_s"] > 0
+    for name in ran:
+        qm9 = result["results"]["qm9"][name]
+        assert qm9["status"] == "ok", qm9["status"]
+        for key in ("params", "train_energy_mol_per_s", "train_forces_mol_per_s", "inference_mol_per_s",
+                    "train_energy_ops", "train_forces_ops"):
+            assert qm9[key] > 0, (name, key)
+        latency = result["results"]["latency"][name]
+        assert latency["status"] == "ok" and latency["latency_ms"] > 0 and latency["md_step_ops"] > 0
+        assert latency["threads"] == 1
+        points = result["results"]["scaling"][name]["points"]
+        assert [p["atoms"] for p in points] == [24, 81] and all(p["us_per_atom"] > 0 for p in points)
+    conv = result["results"]["conv"]
+    assert list(conv) == ["molkern-factorised-l1"] and conv["molkern-factorised-l1"]["fwd_gflop_per_s"] > 0
+    assert any("latency" in t["target"] for t in result["targets"])
+
+    saved = json.loads((out / "benchmarks.json").read_text())
+    assert saved["results"].keys() == result["results"].keys()
+    table = (out / "benchmarks.md").read_text()
+    for heading in ("## Summary", "## Energy+forces cost per atom", "## Convolution", "## Issue 7 targets", "## Method"):
+        assert heading in table
+    assert "| painn | skipped: not installed (test) |" in table
+    assert all(f"| {m} |" in table for m in ran)
+    snippet = (out / "README_snippet.md").read_text()
+    assert snippet.startswith("### Performance (CPU)") and "python -m benchmarks run --quick" in snippet
+    assert (out / "scaling.png").stat().st_size > 0 and (out / "throughput.png").stat().st_size > 0
+
+
+def test_suite_rejects_unknown_model(bench, tmp_path):
+    with pytest.raises(SystemExit):
+        bench.suite.run(["--models", "schnet,mace", "--out", str(tmp_path)])
+
+
+def test_water_box(bench):
+    box = bench.systems.water_box(3)
+    assert box.num_nodes == 81 and box.z.tolist()[:3] == [8, 1, 1]
+    side = 3 * bench.systems.WATER_SPACING
+    assert torch.allclose(box.cell[0], torch.eye(3) * side)
+    assert (box.pos >= 0).all() and (box.pos < side).all()
+    vec = box.pos[box.edge_index[0]] - box.pos[box.edge_index[1]] + box.edge_shift  # (E, 3)
+    dist = vec.norm(dim=1)
+    assert dist.max() < 5.0 and dist.min() > 0.9  # O-H bonds 0.957 A are the shortest pairs
+    assert 30 < box.edge_index.shape[1] / box.num_nodes < 80  # liquid-water density at a 5 A cutoff: ~50
+
+
+def rotation(seed=0):
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed)))
+    return q * torch.det(q)
+
+
+def test_painn_invariant_energy_equivariant_forces(bench):
+    from torch_geometric.data import Batch, Data
+
+    torch.manual_seed(0)
+    model = bench.peers.painn.PaiNN(num_features=16, num_interactions=2, num_rbf=8)
+    from ase.build import molecule
+
+    atoms = molecule("CH3OH")  # all pairs well inside the cutoff: the same graph after rotating
+    z, pos = torch.tensor(atoms.numbers), torch.tensor(atoms.positions)
+    model.double()
+
+    def energy_forces(p):
+        graph = Batch.from_data_list([bench.systems.molecule_graph(z, p)])
+        p = graph.pos.requires_grad_(True)
+        e = model(graph.z, p, graph.batch, graph.edge_index, graph.edge_shift, 1)
+        return e.detach(), -torch.autograd.grad(e.sum(), p)[0]
+
+    R = rotation().double()
+    e, f = energy_forces(pos)
+    e_rot, f_rot = energy_forces(pos @ R.T)
+    torch.testing.assert_close(e_rot, e)
+    torch.testing.assert_close(f_rot, f @ R.T)
+    assert f.abs().sum() > 0
+
+
+def periodic_models(bench):
+    """name -> energy(batch), small weights; the models whose periodic edge handling is checked."""
+    from molkern.train import EnergyModule
+
+    _, DimeNet = bench.qm9_throughput.make_pyg_models()
+    SchNet, _ = bench.qm9_throughput.make_pyg_models()
+    torch.manual_seed(0)
+    schnet = SchNet(hidden_channels=16, num_filters=16, num_interactions=2, num_gaussians=8, cutoff=5.0)
+    dimenet = DimeNet(hidden_channels=16, out_channels=1, num_blocks=1, int_emb_size=8, basis_emb_size=4,
+                      out_emb_channels=16, num_spherical=2, num_radial=3, cutoff=5.0)
+    painn = bench.peers.painn.PaiNN(num_features=16, num_interactions=2, num_rbf=8)
+    molkern = EnergyModule(elements=bench.models.ELEMENTS, model={"num_channels": 8, "num_layers": 2, "lmax": 1,
+                                                                   "avg_num_neighbors": 40.0}, data_init=False)
+    models = {
+        "schnet": lambda b: schnet(b.z, b.pos, b.batch, b.edge_index, b.edge_shift)[:, 0],
+        "dimenet++": lambda b: dimenet(b.z, b.pos, b.batch, b.edge_index, b.edge_shift)[:, 0],
+        "painn": lambda b: painn(b.z, b.pos, b.batch, b.edge_index, b.edge_shift, b.num_graphs),
+        "molkern": molkern.energy,
+    }
+    if bench.models.unavailable_reason("nequip-l1") is None:
+        nequip = bench.models.build("nequip-l1", 40.0)
+        models["nequip"] = nequip.energy
+    return models
+
+
+def test_periodic_images_handled_by_every_adapter(bench):
+    """Wrapping atoms into a neighbouring cell (another set of edge shifts, same structure) leaves E unchanged."""
+    from torch_geometric.data import Batch
+
+    from molkern.data.neighbors import radius_edges
+
+    box = bench.systems.water_box(2)
+    side = float(box.cell[0, 0, 0])
+    moved = box.clone()
+    moved.pos = box.pos.clone()
+    moved.pos[::2] += torch.tensor([side, -side, 0.0])  # half of the atoms in another image of the cell
+    edge_index, shift = radius_edges(moved.pos, 5.0, box.cell[0], True)
+    moved.edge_index, moved.edge_shift = edge_index, shift.float()
+    assert not torch.equal(moved.edge_shift, box.edge_shift)
+    for name, energy in periodic_models(bench).items():
+        e0 = energy(Batch.from_data_list([box]))
+        e1 = energy(Batch.from_data_list([moved]))
+        torch.testing.assert_close(e1.double(), e0.double(), rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_product_flops_counts_nonzero_cg(bench):
+    """uvu path 32x1o x 1o -> 0e: 3 non-zero CG entries, 2 FLOPs each plus the weight: 32 * (2 * 3 + 1)."""
+    from e3nn import o3
+
+    from molkern.nn.channelwise import ChannelwiseProduct
+
+    assert bench.flops.cg_nnz(1, 1, 0) == 3 and bench.flops.cg_nnz(1, 1, 2) == 11
+    tp = ChannelwiseProduct(o3.Irreps("32x1o"), o3.Irreps("1o"), o3.Irreps("1x0e"))
+    assert bench.flops.product_flops_per_edge(tp) == 32 * (2 * 3 + 1)
+    e3 = o3.FullyConnectedTensorProduct("4x1o", "2x1o", "3x0e", shared_weights=True)
+    assert bench.flops.product_flops_per_edge(e3) == 2 * 3 * 4 * 2 + 2 * 4 * 2 * 3 * 1
+
+
+def test_op_counter_sees_backward(bench):
+    from benchmarks.opcount import count_ops
+
+    x = torch.randn(8, 4, requires_grad=True)
+    w = torch.randn(4, 4)
+    forward_only = count_ops(lambda: x @ w)
+    both = count_ops(lambda: torch.autograd.grad((x @ w).sum(), x))
+    assert forward_only["ops"] >= 1 and both["ops"] > forward_only["ops"]
+    assert forward_only["matmul_flops"] == 2 * 8 * 4 * 4

@@ -1,0 +1,241 @@
+"""The benchmark suite: every model, every measurement, one run; writes JSON, markdown and PNG plots.
+
+    .venv/bin/python -m benchmarks run [--quick] [--out DIR] [--models a,b,...] [--threads 2] [--rounds R]
+        [--root data/qm9] [--max-molecules 5000]
+
+Each (task, model) runs in a fresh process (benchmarks.worker: own peak memory, own allocator state, glibc
+malloc trimming off); --quick runs all of a model's tasks in one process instead (fewer start-ups; its peak
+memory is then not per task). Rounds alternate models: round r runs task 1 for every model, then task 2 for every
+model, ...; the reported number is the best over rounds (least disturbed by other jobs), every round is kept
+in the JSON. Models that cannot be built here (a peer package not installed) are skipped with the reason.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .models import model_specs, unavailable_reason
+from .qm9_throughput import MALLOC_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+TASK_ORDER = ("machine", "qm9", "latency", "scaling", "conv")
+QUICK_MODELS = ("molkern-factorised-l1", "molkern-standard-l1", "schnet", "painn", "nequip-l1")
+QUICK = {"batch_size": 8, "num_batches": 2, "warmup": 1, "repeats": 2, "latency_molecules": 2,
+         "latency_repeats": 3, "box_sizes": [2, 3], "scaling_warmup": 1, "scaling_repeats": 1,
+         "scaling_budget_s": 5.0, "scaling_memory_budget_mb": 1000, "rounds": 1, "matmul_n": 512,
+         "worker_timeout_s": 600, "one_process_per_model": True}
+FULL = {"batch_size": 32, "num_batches": 4, "warmup": 2, "repeats": 3, "latency_molecules": 8,
+        "latency_repeats": 10, "box_sizes": [3, 4, 5, 7, 10, 15], "scaling_warmup": 1, "scaling_repeats": 2,
+        "scaling_budget_s": 30.0, "scaling_memory_budget_mb": 8000, "rounds": 2, "matmul_n": 2048,
+        "worker_timeout_s": 3600, "one_process_per_model": False}
+METHOD = {
+    "inputs": "QM9 molecules drawn with numpy seed 0 (training / inference batches) and seed 1 (latency) from "
+              "molkern.data.QM9(root, max_molecules=N); 5 A radius graphs from vesin for every model; periodic "
+              "water boxes (benchmarks.systems.water_box) for scaling. float32, random (seed-0) weights.",
+    "training": "energy-only step = forward, L1 loss on the normalised U0 target, backward, AdamW step; "
+                "energy+forces step = the same plus forces = -dE/dpos by autograd (create_graph) with an L1 "
+                "loss against zero force labels (QM9 has no forces; only the cost matters). mol/s = molecules "
+                "per pass over the fixed batches / median pass time.",
+    "inference": "model.eval(), energies under torch.no_grad().",
+    "latency": "one molecule, energy + forces by autograd, one torch thread, graph prebuilt; median over "
+               "repeats, then median over the molecules. The vesin neighbour list of the same molecule is timed "
+               "separately (an ASE MD step pays both).",
+    "scaling": "energy + forces of one periodic water box, torch threads = --threads; us/atom = median time / "
+               "atoms; the neighbour list is timed separately. A size is skipped when the previous size's time "
+               "or peak memory, scaled linearly with the atom count, exceeds its budget (settings).",
+    "ops": "ATen ops dispatched in one call (benchmarks.opcount: a TorchDispatchMode, backward included; one "
+           "energy-only training step on the first QM9 batch, one energy+forces call of the first latency "
+           "molecule) and the matmul-class FLOPs of torch.utils.flop_counter's registry (zeros included).",
+    "conv_flops": "molkern only: each block's SteerableConv timed alone on the first QM9 batch; useful "
+                  "tensor-product FLOPs counted analytically (benchmarks.flops); fraction = achieved / measured "
+                  "fp32 torch.mm peak with the same threads. fwd+bwd GFLOP/s assumes 3x the forward's useful FLOPs "
+                  "(the backward of a bilinear product computes two products of the forward's size).",
+    "memory": "Resident set size from /proc/self/status, one process per (task, model) in full mode. After the "
+              "model is built and the inputs are in memory: gc, baseline = VmRSS; the peak (VmHWM) is reset "
+              "(/proc/self/clear_refs) before each phase (inference, energy-only training, energy+forces "
+              "training, each scaling box); '<phase> peak MB' = VmHWM after the phase - baseline: the extra memory "
+              "the phase needed at its peak (activations, autograd buffers, gradients, AdamW state, allocator "
+              "slack), not the runtime, parameters or data. In --quick mode the tasks share a process and later "
+              "phases reuse freed memory: too low, smoke test only.",
+    "rounds": "best over rounds: max of rates (mol/s, GFLOP/s), min of times (ms); every round kept in 'rounds'.",
+}
+
+
+def settings_for(args) -> dict:
+    settings = dict(QUICK if args.quick else FULL)
+    settings.update(root=str(Path(args.root).resolve()), max_molecules=args.max_molecules, threads=args.threads,
+                    quick=args.quick)
+    if args.rounds:
+        settings["rounds"] = args.rounds
+    return settings
+
+
+def spawn(tasks: list, name: str, settings: dict) -> list:
+    """benchmarks.worker.run(task, name, settings) for each task, in one fresh process; rows in task order.
+
+    A failed process becomes one 'failed: ...' row per task."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, out = Path(tmp) / "settings.json", Path(tmp) / "rows.json"
+        cfg.write_text(json.dumps(settings))
+        cmd = [sys.executable, "-m", "benchmarks", "worker", ",".join(tasks), name, "--settings", str(cfg),
+               "--out", str(out)]
+        env = {**os.environ, **{k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()},
+               "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
+                                  timeout=settings["worker_timeout_s"])
+            error = None if proc.returncode == 0 and out.is_file() else f"failed: {proc.stderr.strip()[-2000:]}"
+        except subprocess.TimeoutExpired:
+            error = f"failed: timeout after {settings['worker_timeout_s']} s"
+        if error:
+            return [{"model": name, "task": task, "status": error} for task in tasks]
+        rows = json.loads(out.read_text())
+        for row in rows:
+            row["process_wall_s"] = time.perf_counter() - start
+        return rows
+
+
+def _better(key: str, a, b):
+    """The better of two measurements of ``key`` (rates: larger, times: smaller), else the first."""
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or isinstance(a, bool):
+        return a
+    if "_per_s" in key:
+        return max(a, b)
+    if key.endswith("_ms") or key.endswith("us_per_atom"):
+        return min(a, b)
+    return a
+
+
+def merge_rounds(rows: list) -> dict:
+    """One row per (task, model): the best value of every timing over the successful rounds."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return dict(rows[-1])
+    best = dict(ok[0])
+    for r in ok[1:]:
+        for key, value in r.items():
+            if key == "points":
+                best["points"] = [{k: _better(k, p.get(k), q.get(k)) for k in p}
+                                  for p, q in zip(best["points"], value)]
+            elif key == "layers":
+                best["layers"] = [{k: _better(k, p.get(k), q.get(k)) for k in p} for p, q in zip(best["layers"], value)]
+            else:
+                best[key] = _better(key, best.get(key), value)
+    if "points" in best:  # recompute per-atom costs from the best times
+        for p in best["points"]:
+            if p.get("ms") is not None:
+                p["us_per_atom"] = 1e3 * p["ms"] / p["atoms"]
+    return best
+
+
+def machine_info() -> dict:
+    import e3nn
+    import torch
+    import torch_geometric
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__, "e3nn": e3nn.__version__,
+            "torch_geometric": torch_geometric.__version__, "cpu_count": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import nequip
+
+        info["nequip"] = nequip.__version__
+    except Exception:
+        pass
+    return info
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: models {', '.join(QUICK_MODELS)}, tiny batches and boxes, one round")
+    parser.add_argument("--out", default="benchmarks/results", help="directory for JSON, markdown and PNG files")
+    parser.add_argument("--models", default=None, help=f"comma-separated subset of: {', '.join(model_specs())}")
+    parser.add_argument("--tasks", default=",".join(TASK_ORDER), help=f"comma-separated subset of {TASK_ORDER}")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (latency always uses 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="override the rounds (quick 1, full 2)")
+    parser.add_argument("--root", default="data/qm9", help="QM9 cache directory (molkern.data.QM9 root)")
+    parser.add_argument("--max-molecules", type=int, default=5000, help="load the first N QM9 molecules")
+    args = parser.parse_args(argv)
+    specs = model_specs()
+    if args.models is None:
+        args.models = list(QUICK_MODELS if args.quick else specs)
+    else:
+        args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in specs]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {list(specs)}")
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in args.tasks if t not in TASK_ORDER]
+    if bad:
+        parser.error(f"unknown task(s) {bad}; choose from {list(TASK_ORDER)}")
+    return args
+
+
+def run(argv=None) -> dict:
+    """The suite's entry point (``python -m benchmarks run``); returns the result dict it wrote."""
+    from . import report
+
+    args = parse_args(argv)
+    settings = settings_for(args)
+    specs = model_specs()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from molkern.data import QM9
+
+    QM9(settings["root"], max_molecules=settings["max_molecules"], progress=False)  # process once, before workers
+    skipped = {name: reason for name in args.models if (reason := unavailable_reason(name))}
+    models = [m for m in args.models if m not in skipped]
+    for name, reason in skipped.items():
+        print(f"{name}: skipped ({reason})", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    raw = {}
+    tasks = [t for t in TASK_ORDER if t in args.tasks]
+
+    def applies(task, name):
+        return task != "conv" or specs[name]["family"] == "molkern"
+
+    if settings["one_process_per_model"]:  # quick: all of a model's tasks in one process (fewer start-ups)
+        plan = [(["machine"], "-")] * ("machine" in tasks) + [
+            ([t for t in tasks if t != "machine" and applies(t, m)], m) for m in models]
+    else:  # one process per (task, model); models alternate within each task
+        plan = [([t], m) for t in tasks for m in (["-"] if t == "machine" else models) if m == "-" or applies(t, m)]
+    plan = [(ts, m) for ts, m in plan if ts]
+    for r in range(settings["rounds"]):
+        for task_list, name in plan:
+            for row in spawn(task_list, name, settings):
+                raw.setdefault(row["task"], {}).setdefault(name, []).append(row)
+                state = "ok" if row.get("status") == "ok" else row.get("status", "?").strip().splitlines()[-1][:200]
+                print(f"round {r + 1}/{settings['rounds']} {row['task']} {name}: {state} "
+                      f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    results = {task: {name: merge_rounds(rows) for name, rows in by_model.items()} for task, by_model in raw.items()}
+    result = {
+        "command": "python -m benchmarks run " + " ".join(argv if argv is not None else sys.argv[2:]),
+        "machine": machine_info(),
+        "settings": {**settings, "models": args.models, "tasks": args.tasks,
+                     "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                     "wall_time_s": time.perf_counter() - start, "loadavg_1_5_15_at_end": os.getloadavg()},
+        "method": METHOD,
+        "models": {name: {**specs[name], "status": f"skipped: {skipped[name]}" if name in skipped else "run"}
+                   for name in args.models},
+        "results": results,
+        "rounds": raw,
+    }
+    result["targets"] = report.targets(result)
+    report.write_all(result, out)
+    print(f"wrote {out}/benchmarks.json, benchmarks.md, README_snippet.md and plots "
+          f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return result

@@ -1,0 +1,226 @@
+"""One (model, task) measurement, run by the suite in a fresh process: ``python -m benchmarks worker ...``.
+
+Tasks (each returns a dict of numbers; times are medians over repeats after untimed warm-up calls):
+    qm9      training mol/s (energy-only; energy+forces), inference mol/s, peak memory of each phase, and the
+             ATen op count / matmul-class FLOPs of one training step, on fixed batches of QM9 molecules.
+    latency  one molecule's energy+forces (the ASE MD step; one torch thread) on fixed QM9 molecules, the
+             vesin neighbour-list time for the same molecule, and the op count of one such call.
+    scaling  energy+forces time per atom of periodic water boxes of growing size (settings["box_sizes"]).
+    conv     molkern only: each block's convolution timed alone on a QM9 batch, useful tensor-product
+             FLOPs (benchmarks.flops) -> achieved GFLOP/s.
+    machine  fp32 torch.mm peak GFLOP/s with 1 and ``threads`` threads (model ignored).
+"""
+
+import gc
+import os
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+
+from . import qm9_throughput as qt
+from .flops import conv_flops, matmul_peak
+from .models import build
+from .opcount import count_ops
+from .systems import as_batch, molecule_graph, qm9_molecules, water_box
+
+TASKS = ("qm9", "latency", "scaling", "conv", "machine")
+
+
+def timed(fn, warmup: int, repeats: int) -> list:
+    """Wall times (s) of ``repeats`` calls of fn() after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def energy_forces(model, batch, create_graph: bool = False):
+    """(energy (G,), forces (N, 3)) with forces = -dE/dpos by autograd."""
+    pos = batch.pos.detach().requires_grad_(True)
+    batch.pos = pos
+    energy = model.energy(batch)
+    (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
+    return energy, -grad
+
+
+def qm9_batches(settings: dict):
+    args = SimpleNamespace(root=settings["root"], max_molecules=settings["max_molecules"],
+                           num_batches=settings["num_batches"], batch_size=settings["batch_size"])
+    return qt.load_batches(args, "radius")
+
+
+def mean_in_degree(batches) -> float:
+    return sum(b.edge_index.shape[1] for b in batches) / sum(b.num_nodes for b in batches)
+
+
+def task_qm9(name: str, settings: dict) -> dict:
+    batches = qm9_batches(settings)
+    model = build(name, mean_in_degree(batches))
+    optimizer = torch.optim.AdamW(model.module.parameters(), lr=5e-4)
+    warmup, repeats = settings["warmup"], settings["repeats"]
+
+    def infer():
+        model.module.eval()
+        with torch.no_grad():
+            for b in batches:
+                model.energy(b)
+
+    def train_energy(batch):
+        optimizer.zero_grad(set_to_none=True)
+        (model.energy(batch) - batch.target[:, 0]).abs().mean().backward()
+        optimizer.step()
+
+    def train_forces(batch):  # QM9 has no forces: zero force labels, the cost is what is measured
+        optimizer.zero_grad(set_to_none=True)
+        energy, forces = energy_forces(model, batch, create_graph=True)
+        ((energy - batch.target[:, 0]).abs().mean() + forces.abs().mean()).backward()
+        optimizer.step()
+
+    def passes(step):
+        def run():
+            model.module.train()
+            for b in batches:
+                step(b)
+        return run
+
+    row = {"params": model.params, "description": model.description,
+           "atoms_per_batch": statistics.mean(b.num_nodes for b in batches),
+           "edges_per_batch": statistics.mean(b.edge_index.shape[1] for b in batches)}
+    num_mols = len(batches) * settings["batch_size"]
+    gc.collect()
+    baseline = qt.rss_mb()
+    for phase, run in (("inference", infer), ("train_energy", passes(train_energy)),
+                       ("train_forces", passes(train_forces))):
+        gc.collect()
+        qt.reset_peak()
+        seconds = timed(run, warmup, repeats)
+        row[f"{phase}_mol_per_s"] = num_mols / statistics.median(seconds)
+        row[f"{phase}_mol_per_s_best"] = num_mols / min(seconds)
+        row[f"{phase}_peak_mb"] = qt.peak_mb() - baseline
+    row["baseline_rss_mb"] = baseline
+    model.module.train()
+    for key, step in (("train_energy", train_energy), ("train_forces", train_forces)):
+        counted = count_ops(lambda: step(batches[0]))
+        row[f"{key}_ops"], row[f"{key}_matmul_flops"] = counted["ops"], counted["matmul_flops"]
+        row[f"{key}_top_ops"] = counted["top_ops"]
+    return row
+
+
+def task_latency(name: str, settings: dict) -> dict:
+    torch.set_num_threads(1)
+    mols = qm9_molecules(settings["root"], settings["max_molecules"], settings["latency_molecules"], seed=1)
+    graphs = [as_batch([molecule_graph(m.z, m.pos)]) for m in mols]
+    model = build(name, mean_in_degree(graphs))
+    model.module.eval()
+    warmup, repeats = settings["warmup"], settings["latency_repeats"]
+    per_mol, per_nl = [], []
+    for g, m in zip(graphs, mols):
+        per_mol.append(statistics.median(timed(lambda: energy_forces(model, g), warmup, repeats)))
+        per_nl.append(statistics.median(timed(lambda: molecule_graph(m.z, m.pos), 1, repeats)))
+    counted = count_ops(lambda: energy_forces(model, graphs[0]))
+    return {"params": model.params, "description": model.description, "threads": 1,
+            "atoms_mean": statistics.mean(g.num_nodes for g in graphs),
+            "latency_ms": 1e3 * statistics.median(per_mol), "latency_ms_each": [1e3 * t for t in per_mol],
+            "neighbor_list_ms": 1e3 * statistics.median(per_nl),
+            "md_step_ops": counted["ops"], "md_step_matmul_flops": counted["matmul_flops"],
+            "md_step_top_ops": counted["top_ops"]}
+
+
+def task_scaling(name: str, settings: dict) -> dict:
+    model, points = None, []
+    for k in settings["box_sizes"]:
+        box = water_box(k)
+        point = {"k": k, "atoms": box.num_nodes, "edges": box.edge_index.shape[1],
+                 "neighbor_list_ms": 1e3 * box.neighbor_list_s}
+        last = next((p for p in reversed(points) if p.get("status") == "ok"), None)
+        if points and points[-1].get("status") != "ok":
+            points.append({**point, "status": "skipped: a smaller box was not measured"})
+            continue
+        if last is not None:  # linear projection from the previous box: stay within the time and memory budgets
+            grow = box.num_nodes / last["atoms"]
+            if last["ms"] / 1e3 * grow > settings["scaling_budget_s"] or \
+                    last["peak_mb"] * grow > settings["scaling_memory_budget_mb"]:
+                points.append({**point, "status": f"skipped: projected {last['ms'] / 1e3 * grow:.0f} s, "
+                                                  f"{last['peak_mb'] * grow:.0f} MB per call (budgets "
+                                                  f"{settings['scaling_budget_s']:g} s, "
+                                                  f"{settings['scaling_memory_budget_mb']:g} MB)"})
+                continue
+        batch = as_batch([box])
+        if model is None:  # the same weights for every size; normalised by the first box's mean in-degree
+            model = build(name, batch.edge_index.shape[1] / batch.num_nodes)
+            model.module.eval()
+        gc.collect()
+        base = qt.rss_mb()
+        qt.reset_peak()
+        try:
+            seconds = timed(lambda: energy_forces(model, batch), settings["scaling_warmup"],
+                            settings["scaling_repeats"])
+        except (RuntimeError, MemoryError) as exc:
+            points.append({**point, "status": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
+            continue
+        ms = 1e3 * statistics.median(seconds)
+        points.append({**point, "status": "ok", "ms": ms, "us_per_atom": 1e3 * ms / box.num_nodes,
+                       "peak_mb": qt.peak_mb() - base})
+    return {"params": model.params if model else None, "description": model.description if model else None,
+            "points": points}
+
+
+def task_conv(name: str, settings: dict) -> dict:
+    batches = qm9_batches(settings)
+    model = build(name, mean_in_degree(batches))
+    if not hasattr(model.module, "model") or not hasattr(model.module.model, "blocks"):
+        return {"status": "skipped: conv GFLOP/s is measured for molkern models only"}
+    convs = [block.conv for block in model.module.model.blocks]
+    captured = []
+    hooks = [c.register_forward_hook(lambda mod, args, out: captured.append((mod, args))) for c in convs]
+    with torch.no_grad():
+        model.energy(batches[0])
+    for h in hooks:
+        h.remove()
+    layers = []
+    for conv, (node_feats, edges, edge_index) in captured:
+        x = node_feats.detach().requires_grad_(True)
+
+        def fwd(conv=conv, x=x, edges=edges, edge_index=edge_index):
+            return conv(x, edges, edge_index)
+
+        def fwd_bwd(fwd=fwd):
+            fwd().pow(2).sum().backward()
+
+        fwd_s = statistics.median(timed(fwd, settings["warmup"], settings["repeats"] * 3))
+        fwd_bwd_s = statistics.median(timed(fwd_bwd, settings["warmup"], settings["repeats"] * 3))
+        flops = conv_flops(conv, edge_index.shape[1])
+        layers.append({"irreps_in": str(conv.irreps_in), "irreps_out": str(conv.irreps_out),
+                       "edges": edge_index.shape[1], "useful_mflop": flops / 1e6, "fwd_ms": 1e3 * fwd_s,
+                       "fwd_bwd_ms": 1e3 * fwd_bwd_s, "fwd_gflop_per_s": flops / fwd_s / 1e9,
+                       "matmul_mflop_fwd": count_ops(fwd)["matmul_flops"] / 1e6})
+    flops = sum(l["useful_mflop"] for l in layers) * 1e6
+    fwd_s = sum(l["fwd_ms"] for l in layers) / 1e3
+    fwd_bwd_s = sum(l["fwd_bwd_ms"] for l in layers) / 1e3
+    return {"params": model.params, "description": model.description, "layers": layers,
+            "useful_mflop": flops / 1e6, "fwd_ms": 1e3 * fwd_s, "fwd_gflop_per_s": flops / fwd_s / 1e9,
+            # backward of a bilinear product does about twice the forward's work: 3x useful FLOPs in fwd+bwd
+            "fwd_bwd_ms": 1e3 * fwd_bwd_s, "fwd_bwd_gflop_per_s": 3 * flops / fwd_bwd_s / 1e9}
+
+
+def task_machine(name: str, settings: dict) -> dict:
+    n = settings["matmul_n"]
+    return {"matmul_n": n, "matmul_gflop_per_s_1_thread": matmul_peak(1, n),
+            "matmul_gflop_per_s": matmul_peak(settings["threads"], n), "threads": settings["threads"]}
+
+
+def run(task: str, name: str, settings: dict) -> dict:
+    """One measurement in this process: sets threads and seeds, returns the row (with load averages)."""
+    torch.set_num_threads(settings["threads"])
+    torch.manual_seed(0)
+    load = os.getloadavg()
+    row = {"task_qm9": task_qm9, "task_latency": task_latency, "task_scaling": task_scaling,
+           "task_conv": task_conv, "task_machine": task_machine}[f"task_{task}"](name, settings)
+    row.setdefault("status", "ok")
+    return {"model": name, "task": task, **row, "loadavg_start": load, "loadavg_end": os.getloadavg()}
