@@ -86,7 +86,8 @@ class ChannelwiseProduct(nn.Module):
                 else:
                     runs.append([row, 1, d3, n])
                 row += d3
-            self.register_buffer(f"_cg_{i}", cg.flatten(1).to(torch.get_default_dtype()), persistent=False)
+            # float64 whatever the default dtype: a model built in float32 and then .double()-ed stays exact
+            self.register_buffer(f"_cg_{i}", cg.flatten(1), persistent=False)
             self._groups.append((i, mul, d1, K, [tuple(r) for r in runs]))
             weight_offset, offset = weight_offset + mul * len(mine), offset + mul * K
         self.register_buffer("_source_of_column", source_of_column, persistent=False)
