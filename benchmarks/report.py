@@ -65,12 +65,13 @@ def _fmt(value, spec=".0f"):
 
 def summary_table(result) -> str:
     lines = ["| model | params | train mol/s (E) | train mol/s (E+F) | inference mol/s | 1-mol E+F ms (1 thread) "
-             "| vesin NL ms | E+F us/atom, smallest / largest box | train peak MB (E) | ops / train step "
+             "| vesin NL ms | ASE step ms | E+F us/atom, smallest / largest box | train peak MB (E) | ops / train step "
              "| ops / MD step |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, spec in result["models"].items():
+        label = f"{name} (re-implementation)" if spec.get("reimplementation") else name
         if spec["status"] != "run":
-            lines.append(f"| {name} | {spec['status']} | | | | | | | | | |")
+            lines.append(f"| {label} | {spec['status']} | | | | | | | | | | |")
             continue
         q = lambda k: _get(result, "qm9", name, k)  # noqa: E731
         lat = lambda k: _get(result, "latency", name, k)  # noqa: E731
@@ -79,10 +80,10 @@ def summary_table(result) -> str:
         scaling = f"{pts[0]['us_per_atom']:.0f} / {pts[-1]['us_per_atom']:.0f}" if pts else ""
         failed = [f"{t}: {r['status'][:60]}" for t, by in result["results"].items()
                   for n, r in by.items() if n == name and r.get("status") != "ok"]
-        lines.append(f"| {name}{' (' + '; '.join(failed) + ')' if failed else ''} | {_fmt(q('params'), ',')} "
+        lines.append(f"| {label}{' (' + '; '.join(failed) + ')' if failed else ''} | {_fmt(q('params'), ',')} "
                      f"| {_fmt(q('train_energy_mol_per_s'))} | {_fmt(q('train_forces_mol_per_s'))} "
                      f"| {_fmt(q('inference_mol_per_s'))} | {_fmt(lat('latency_ms'), '.1f')} "
-                     f"| {_fmt(lat('neighbor_list_ms'), '.2f')} | {scaling} "
+                     f"| {_fmt(lat('neighbor_list_ms'), '.2f')} | {_fmt(lat('ase_step_ms'), '.1f')} | {scaling} "
                      f"| {_fmt(q('train_energy_peak_mb'))} | {_fmt(q('train_energy_ops'), ',')} "
                      f"| {_fmt(lat('md_step_ops'), ',')} |")
     return "\n".join(lines)
@@ -103,6 +104,12 @@ def scaling_table(result) -> str:
             cells.append("" if p is None else f"{p['us_per_atom']:.0f}" if p.get("status") == "ok"
                          else p.get("status", "")[:20])
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    nl = {}
+    for r in rows.values():
+        for p in r.get("points", []):
+            nl.setdefault(p["k"], []).append(1e3 * p["neighbor_list_ms"] / p["atoms"])
+    lines.append("| vesin neighbour list | " + " | ".join(f"{min(nl[k]):.1f}" if k in nl else "" for k, _ in sizes)
+                 + " |")
     return "\n".join(lines)
 
 

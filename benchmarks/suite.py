@@ -46,7 +46,9 @@ METHOD = {
     "inference": "model.eval(), energies under torch.no_grad().",
     "latency": "one molecule, energy + forces by autograd, one torch thread, graph prebuilt; median over "
                "repeats, then median over the molecules. The vesin neighbour list of the same molecule is timed "
-               "separately (an ASE MD step pays both).",
+               "separately (an ASE MD step pays both). 'ASE step ms' (molkern only): the whole step through "
+               "molkern.calculator.MolkernCalculator, atoms moved before each get_forces() (neighbour list, graph "
+               "build and conversions included).",
     "scaling": "energy + forces of one periodic water box, torch threads = --threads; us/atom = median time / "
                "atoms; the neighbour list is timed separately. A size is skipped when the previous size's time "
                "or peak memory, scaled linearly with the atom count, exceeds its budget (settings).",

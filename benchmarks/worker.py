@@ -4,7 +4,8 @@ Tasks (each returns a dict of numbers; times are medians over repeats after unti
     qm9      training mol/s (energy-only; energy+forces), inference mol/s, peak memory of each phase, and the
              ATen op count / matmul-class FLOPs of one training step, on fixed batches of QM9 molecules.
     latency  one molecule's energy+forces (the ASE MD step; one torch thread) on fixed QM9 molecules, the
-             vesin neighbour-list time for the same molecule, and the op count of one such call.
+             vesin neighbour-list time for the same molecule, the op count of one such call and, for molkern,
+             a whole step through molkern.calculator.MolkernCalculator (atoms moved, get_forces()).
     scaling  energy+forces time per atom of periodic water boxes of growing size (settings["box_sizes"]).
     conv     molkern only: each block's convolution timed alone on a QM9 batch, useful tensor-product
              FLOPs (benchmarks.flops) -> achieved GFLOP/s.
@@ -124,12 +125,36 @@ def task_latency(name: str, settings: dict) -> dict:
         per_mol.append(statistics.median(timed(lambda: energy_forces(model, g), warmup, repeats)))
         per_nl.append(statistics.median(timed(lambda: molecule_graph(m.z, m.pos), 1, repeats)))
     counted = count_ops(lambda: energy_forces(model, graphs[0]))
-    return {"params": model.params, "description": model.description, "threads": 1,
+    ase = ase_step_ms(model, mols, warmup, repeats) if hasattr(model.module, "graph_spec") else None
+    return {"params": model.params, "description": model.description, "threads": 1, "ase_step_ms": ase,
             "atoms_mean": statistics.mean(g.num_nodes for g in graphs),
             "latency_ms": 1e3 * statistics.median(per_mol), "latency_ms_each": [1e3 * t for t in per_mol],
             "neighbor_list_ms": 1e3 * statistics.median(per_nl),
             "md_step_ops": counted["ops"], "md_step_matmul_flops": counted["matmul_flops"],
             "md_step_top_ops": counted["top_ops"]}
+
+
+def ase_step_ms(model, mols, warmup: int, repeats: int) -> float:
+    """Median ms of one MD step through molkern's ASE calculator (atoms moved, then energy + forces), which
+    includes the neighbour list, the graph build and the calculator's conversions; median over molecules."""
+    import ase
+    import numpy as np
+
+    from molkern.calculator import MolkernCalculator
+
+    calc = MolkernCalculator(model.module)
+    rng = np.random.default_rng(0)
+    per_mol = []
+    for m in mols:
+        atoms = ase.Atoms(numbers=m.z.numpy(), positions=m.pos.double().numpy())
+        atoms.calc = calc
+
+        def step():
+            atoms.positions += rng.normal(scale=1e-3, size=atoms.positions.shape)  # a new structure every call
+            atoms.get_forces()
+
+        per_mol.append(statistics.median(timed(step, warmup, repeats)))
+    return 1e3 * statistics.median(per_mol)
 
 
 def task_scaling(name: str, settings: dict) -> dict:

@@ -154,7 +154,7 @@ def test_suite_quick(bench, tmp_path, monkeypatch):
     table = (out / "benchmarks.md").read_text()
     for heading in ("## Summary", "## Energy+forces cost per atom", "## Convolution", "## Issue 7 targets", "## Method"):
         assert heading in table
-    assert "| painn | skipped: not installed (test) |" in table
+    assert "| painn (re-implementation) | skipped: not installed (test) |" in table
     assert all(f"| {m} |" in table for m in ran)
     snippet = (out / "README_snippet.md").read_text()
     assert snippet.startswith("### Performance (CPU)") and "python -m benchmarks run --quick" in snippet
