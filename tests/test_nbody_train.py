@@ -12,7 +12,7 @@ import molkern.groups as groups
 from molkern.data import NBody
 from molkern.testing import POSITIONS, assert_equivariant, equivariance_error
 from molkern.train import GROUPS, NBodyDataModule, NBodyModule, build_nbody_model, parameter_counts, train_nbody
-from molkern.train.nbody import rescale_blocks
+from molkern.train.nbody import _BASELINE_WIDTHS, rescale_blocks, velocity_features
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,25 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+def test_velocity_features_speed_and_unit_direction():
+    node_attr = torch.tensor([[0.3, 3.0, 0.0, 4.0], [0.7, 0.0, 0.0, 0.0]])
+    f = velocity_features(node_attr)
+    assert f.shape == (2, 5)
+    torch.testing.assert_close(f[0], torch.tensor([0.3, 5.0, 0.6, 0.0, 0.8]))
+    torch.testing.assert_close(f[1], torch.tensor([0.7, 0.0, 0.0, 0.0, 0.0]))  # v = 0: no NaN
+
+
+def test_baseline_init_does_not_depend_on_the_width_cache():
+    kwargs = {"num_channels": 4, "num_layers": 1}
+    _BASELINE_WIDTHS.clear()
+    torch.manual_seed(0)
+    first = build_nbody_model("baseline", **kwargs)  # searches the width (builds other models)
+    torch.manual_seed(0)
+    second = build_nbody_model("baseline", **kwargs)  # width from the cache
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_parameter_counts_within_ten_percent():
@@ -89,4 +108,38 @@ def test_train_nbody_reports_test_mse_at_best_val(tmp_path):
     r = train_nbody("baseline", 0.0, str(tmp_path), seed=0, max_epochs=2, check_val_every_n_epoch=1,
                     data={"num_train": 20, "num_val": 10, "num_test": 10, "batch_size": 10}, progress=False)
     assert r["group"] == "baseline" and r["best_epoch"] in (0, 1)
+    assert [e for e, _ in r["val_curve"]] == [0, 1]
+    assert r["best_val_mse"] == min(v for _, v in r["val_curve"])
     assert math.isfinite(r["test_mse"]) and math.isfinite(r["best_val_mse"])
+
+
+def _sweep_config(tmp_path, seeds):
+    import yaml
+
+    config = {
+        "data_root": str(tmp_path / "data"), "stiffness": [0, 2], "groups": ["baseline"], "seeds": seeds,
+        "data": {"num_train": 20, "num_val": 10, "num_test": 10, "batch_size": 10},
+        "model": {"num_channels": 4, "num_layers": 1},
+        "trainer": {"max_epochs": 2, "check_val_every_n_epoch": 1},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_sweep_writes_results_and_resumes_with_more_seeds(tmp_path):
+    import json
+
+    from molkern.experiments import nbody_sweep
+
+    out = tmp_path / "out"
+    nbody_sweep.main(["--config", _sweep_config(tmp_path, [0]), "--out", str(out), "--no-progress"])
+    first = json.loads((out / "results.json").read_text())
+    assert [(r["stiffness"], r["seed"]) for r in first["runs"]] == [(0.0, 0), (2.0, 0)]
+    assert {s["num_seeds"] for s in first["summary"]} == {1} and (out / "nbody_sweep.png").exists()
+
+    nbody_sweep.main(["--config", _sweep_config(tmp_path, [0, 1]), "--out", str(out), "--no-progress", "--resume"])
+    second = json.loads((out / "results.json").read_text())
+    assert [(r["stiffness"], r["seed"]) for r in second["runs"]] == [(0.0, 0), (2.0, 0), (0.0, 1), (2.0, 1)]
+    assert second["runs"][:2] == first["runs"]  # kept, not retrained
+    assert {s["num_seeds"] for s in second["summary"]} == {2}
