@@ -80,7 +80,9 @@ def summary_table(result) -> str:
         scaling = f"{pts[0]['us_per_atom']:.0f} / {pts[-1]['us_per_atom']:.0f}" if pts else ""
         failed = [f"{t}: {r['status'][:60]}" for t, by in result["results"].items()
                   for n, r in by.items() if n == name and r.get("status") != "ok"]
-        lines.append(f"| {label}{' (' + '; '.join(failed) + ')' if failed else ''} | {_fmt(q('params'), ',')} "
+        params = next((r["params"] for by in result["results"].values() for n, r in by.items()
+                       if n == name and r.get("params")), None)
+        lines.append(f"| {label}{' (' + '; '.join(failed) + ')' if failed else ''} | {_fmt(params, ',')} "
                      f"| {_fmt(q('train_energy_mol_per_s'))} | {_fmt(q('train_forces_mol_per_s'))} "
                      f"| {_fmt(q('inference_mol_per_s'))} | {_fmt(lat('latency_ms'), '.1f')} "
                      f"| {_fmt(lat('neighbor_list_ms'), '.2f')} | {_fmt(lat('ase_step_ms'), '.1f')} | {scaling} "
@@ -93,7 +95,7 @@ def scaling_table(result) -> str:
     rows = result["results"].get("scaling", {})
     sizes = sorted({(p["k"], p["atoms"]) for r in rows.values() for p in r.get("points", [])})
     if not sizes:
-        return ""
+        return "(not run)"
     lines = ["| model | " + " | ".join(f"{a} atoms" for _, a in sizes) + " |",
              "|---|" + "---:|" * len(sizes)]
     for name, r in rows.items():
@@ -116,7 +118,7 @@ def scaling_table(result) -> str:
 def conv_table(result) -> str:
     rows = result["results"].get("conv", {})
     if not rows:
-        return ""
+        return "(not run)"
     peak = _get(result, "machine", "-", "matmul_gflop_per_s")
     lines = [f"| model | useful MFLOP (all blocks) | fwd ms | fwd GFLOP/s | % of matmul peak ({_fmt(peak)} GFLOP/s) "
              "| fwd+bwd ms | fwd+bwd GFLOP/s |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -187,8 +189,9 @@ def plots(result, out: Path) -> list:
         pts = [p for p in r.get("points", []) if p.get("status") == "ok"]
         if pts:
             ax.plot([p["atoms"] for p in pts], [p["us_per_atom"] for p in pts], "o-", label=name)
-    ax.set(xscale="log", yscale="log", xlabel="atoms (periodic water box)", ylabel="energy+forces, us per atom",
-           title="Cost per atom vs system size")
+    ax.set(xscale="log", xlabel="atoms (periodic water box)", ylabel="energy+forces, us per atom",
+           title="Cost per atom vs system size (flat = linear scaling)")
+    ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=120)

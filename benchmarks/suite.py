@@ -1,6 +1,7 @@
 """The benchmark suite: every model, every measurement, one run; writes JSON, markdown and PNG plots.
 
-    .venv/bin/python -m benchmarks run [--quick] [--out DIR] [--models a,b,...] [--threads 2] [--rounds R]
+    .venv/bin/python -m benchmarks run [--quick] [--out DIR] [--models a,b,...] [--tasks qm9,latency,...]
+        [--threads 2] [--rounds R] [--box-sizes 3,4,5,7,10,15] [--scaling-budget-s 30] [--scaling-memory-mb 8000]
         [--root data/qm9] [--max-molecules 5000]
 
 Each (task, model) runs in a fresh process (benchmarks.worker: own peak memory, own allocator state, glibc
@@ -74,8 +75,10 @@ def settings_for(args) -> dict:
     settings = dict(QUICK if args.quick else FULL)
     settings.update(root=str(Path(args.root).resolve()), max_molecules=args.max_molecules, threads=args.threads,
                     quick=args.quick)
-    if args.rounds:
-        settings["rounds"] = args.rounds
+    overrides = {"rounds": args.rounds, "scaling_budget_s": args.scaling_budget_s,
+                 "scaling_memory_budget_mb": args.scaling_memory_mb,
+                 "box_sizes": [int(k) for k in args.box_sizes.split(",")] if args.box_sizes else None}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
     return settings
 
 
@@ -169,6 +172,13 @@ def parse_args(argv=None):
     parser.add_argument("--tasks", default=",".join(TASK_ORDER), help=f"comma-separated subset of {TASK_ORDER}")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (latency always uses 1)")
     parser.add_argument("--rounds", type=int, default=None, help="override the rounds (quick 1, full 2)")
+    parser.add_argument("--box-sizes", default=None,
+                        help="water boxes of k^3 molecules (3 k^3 atoms), comma-separated k (quick 2,3; full "
+                             "3,4,5,7,10,15)")
+    parser.add_argument("--scaling-budget-s", type=float, default=None,
+                        help="skip a box whose projected energy+forces time exceeds this (quick 5, full 30)")
+    parser.add_argument("--scaling-memory-mb", type=float, default=None,
+                        help="skip a box whose projected peak memory exceeds this (quick 1000, full 8000)")
     parser.add_argument("--root", default="data/qm9", help="QM9 cache directory (molkern.data.QM9 root)")
     parser.add_argument("--max-molecules", type=int, default=5000, help="load the first N QM9 molecules")
     args = parser.parse_args(argv)
