@@ -83,7 +83,7 @@ REF_U0 = {"H": -0.500273, "C": -37.846772, "N": -54.583861, "O": -75.064578, "F"
 @pytest.fixture(scope="module")
 def characterized():
     """GDB numbers of the 130,831 characterised molecules (from the installed qm9pack)."""
-    return Q._qm9pack_gdb_indices()
+    return Q.sources._qm9pack_gdb_indices()
 
 
 def expected_idx(characterized, gdb):
@@ -187,7 +187,7 @@ def load(tmp_path, **kw):
 
 def expected_targets(m):
     A, Bc, C, mu, alpha, homo, lumo, gap, r2, zpve, U0, U, H, G, cv = m["props"]
-    refs = {k: sum(Q.ATOM_REF_HARTREE[k][Q.ATOMIC_NUMBERS[B.ATOM_TYPES.index(s)]] for s in m["symbols"])
+    refs = {k: sum(Q.ATOM_REF_HARTREE[k][B.ATOMIC_NUMBERS[B.ATOM_TYPES.index(s)]] for s in m["symbols"])
             for k in ("U0", "U", "H", "G")}
     return np.array([mu, alpha, homo * HA2MEV, lumo * HA2MEV, gap * HA2MEV, r2, zpve * HA2MEV,
                      (U0 - refs["U0"]) * HA2MEV, (U - refs["U"]) * HA2MEV, (H - refs["H"]) * HA2MEV,
@@ -308,13 +308,13 @@ def test_cache_reuse_and_invalidation(tmp_path, characterized):
     assert changed.cache_status == "rebuilt" and changed[2].y[0, 0].item() == pytest.approx(2.5)
 
     # format version bump
-    old = Q.FORMAT_VERSION
+    old = Q.dataset.FORMAT_VERSION
     try:
-        Q.FORMAT_VERSION = old + 1
+        Q.dataset.FORMAT_VERSION = old + 1
         with pytest.warns(QM9CacheWarning, match="format_version"):
             assert load(tmp_path, **src).cache_status == "rebuilt"
     finally:
-        Q.FORMAT_VERSION = old
+        Q.dataset.FORMAT_VERSION = old
     with pytest.warns(QM9CacheWarning, match="format_version"):
         assert load(tmp_path, **src).cache_status == "rebuilt"
     assert load(tmp_path, **src).cache_status == "loaded"
