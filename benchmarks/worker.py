@@ -12,6 +12,7 @@ Tasks (each returns a dict of numbers; times are medians over repeats after unti
     machine  fp32 torch.mm peak GFLOP/s with 1 and ``threads`` threads (model ignored).
 """
 
+import copy
 import gc
 import os
 import statistics
@@ -42,8 +43,9 @@ def timed(fn, warmup: int, repeats: int) -> list:
 
 
 def energy_forces(model, batch, create_graph: bool = False):
-    """(energy (G,), forces (N, 3)) with forces = -dE/dpos by autograd."""
+    """(energy (G,), forces (N, 3)) with forces = -dE/dpos by autograd; ``batch`` itself is not changed."""
     pos = batch.pos.detach().requires_grad_(True)
+    batch = copy.copy(batch)
     batch.pos = pos
     energy = model.energy(batch)
     (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
