@@ -6,7 +6,8 @@ Every model reads the same PyG batch (``z``, ``pos`` A, ``node_attr`` one-hot ov
 
 Rows: molkern's MolkernNet (factorised / full implicit kernel and the standard radial x SH kernel, lmax 1
 and 2; 32 channels, 3 blocks) through EnergyModule; PyG 2.8.1 SchNet and DimeNet++ (qm9_throughput's
-adapters); PaiNN (benchmarks.peers.painn, a re-implementation); NequIP from the ``nequip`` package.
+adapters); PaiNN from the ``schnetpack`` package and our compact re-implementation (benchmarks.peers.painn,
+checked against schnetpack's in the tests); NequIP from the ``nequip`` package.
 """
 
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ def model_specs() -> dict:
             specs[f"molkern-{kernel}-l{lmax}"] = {"family": "molkern", "kernel": kernel, "lmax": lmax}
     specs["schnet"] = {"family": "schnet"}
     specs["dimenet++"] = {"family": "dimenet++"}
-    specs["painn"] = {"family": "painn", "reimplementation": True}
+    specs["painn"] = {"family": "painn"}  # schnetpack's
+    specs["painn-reimpl"] = {"family": "painn-reimpl", "reimplementation": True}
     for lmax in (1, 2):
         specs[f"nequip-l{lmax}"] = {"family": "nequip", "lmax": lmax}
     return specs
@@ -39,10 +41,15 @@ def model_specs() -> dict:
 
 def unavailable_reason(name: str) -> Optional[str]:
     """None if the model can be built here, else why not (the suite records it and skips the model)."""
-    if model_specs()[name]["family"] == "nequip":
+    family = model_specs()[name]["family"]
+    if family == "nequip":
         from .peers.nequip_adapter import unavailable_reason as nequip_reason
 
         return nequip_reason()
+    if family == "painn":
+        from .peers.schnetpack_adapter import unavailable_reason as schnetpack_reason
+
+        return schnetpack_reason()
     return None
 
 
@@ -83,6 +90,15 @@ def build(name: str, avg_num_neighbors: float) -> Model:
 
         return Model(name, module, energy, desc)
     if family == "painn":
+        import schnetpack
+
+        from .peers.schnetpack_adapter import SchNetPackPaiNN
+
+        module = SchNetPackPaiNN(**PAINN)
+        desc = f"schnetpack {schnetpack.__version__} PaiNN + Atomwise readout, " + ", ".join(
+            f"{k}={v}" for k, v in PAINN.items())
+        return Model(name, module, module, desc)
+    if family == "painn-reimpl":
         from .peers.painn import PaiNN
 
         module = PaiNN(**PAINN)

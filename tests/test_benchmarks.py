@@ -118,12 +118,13 @@ def bench():
 def test_suite_quick(bench, tmp_path, monkeypatch):
     """`python -m benchmarks run --quick` on 40 molecules: every table and file exists, skipped peers have a reason.
 
-    PaiNN is reported as unavailable here to check the skip path; nequip runs if installed, else is skipped.
+    schnetpack's PaiNN is reported as unavailable here to check the skip path; nequip runs if installed, else is
+    skipped with the reason.
     """
     real = bench.suite.unavailable_reason
     monkeypatch.setattr(bench.suite, "unavailable_reason",
                         lambda name: "not installed (test)" if name == "painn" else real(name))
-    models = ["molkern-factorised-l1", "schnet", "painn", "nequip-l1"]
+    models = ["molkern-factorised-l1", "schnet", "painn", "painn-reimpl", "nequip-l1"]
     out = tmp_path / "results"
     result = bench.suite.run(["--quick", "--threads", "1", "--root", str(tmp_path / "qm9"), "--max-molecules", "40",
                               "--models", ",".join(models), "--out", str(out)])
@@ -132,7 +133,7 @@ def test_suite_quick(bench, tmp_path, monkeypatch):
     nequip_missing = real("nequip-l1")
     assert (result["models"]["nequip-l1"]["status"] != "run") == (nequip_missing is not None)
     ran = [m for m in models if result["models"][m]["status"] == "run"]
-    assert "painn" not in ran and {"molkern-factorised-l1", "schnet"} <= set(ran)
+    assert "painn" not in ran and {"molkern-factorised-l1", "schnet", "painn-reimpl"} <= set(ran)
     assert result["results"]["machine"]["-"]["matmul_gflop_per_s"] > 0
     for name in ran:
         qm9 = result["results"]["qm9"][name]
@@ -154,8 +155,8 @@ def test_suite_quick(bench, tmp_path, monkeypatch):
     table = (out / "benchmarks.md").read_text()
     for heading in ("## Summary", "## Energy+forces cost per atom", "## Convolution", "## Issue 7 targets", "## Method"):
         assert heading in table
-    assert "| painn (re-implementation) | skipped: not installed (test) |" in table
-    assert all(f"| {m} |" in table for m in ran)
+    assert "| painn | skipped: not installed (test) |" in table and "| painn-reimpl (re-implementation) |" in table
+    assert all(f"| {m} |" in table or f"| {m} (re-implementation) |" in table for m in ran)
     snippet = (out / "README_snippet.md").read_text()
     assert snippet.startswith("### Performance (CPU)") and "python -m benchmarks run --quick" in snippet
     assert (out / "scaling.png").stat().st_size > 0 and (out / "throughput.png").stat().st_size > 0
@@ -227,9 +228,9 @@ def periodic_models(bench):
         "painn": lambda b: painn(b.z, b.pos, b.batch, b.edge_index, b.edge_shift, b.num_graphs),
         "molkern": molkern.energy,
     }
-    if bench.models.unavailable_reason("nequip-l1") is None:
-        nequip = bench.models.build("nequip-l1", 40.0)
-        models["nequip"] = nequip.energy
+    for name in ("nequip-l1", "painn"):  # the optional peer packages, when installed
+        if bench.models.unavailable_reason(name) is None:
+            models[name + " (package)"] = bench.models.build(name, 40.0).energy
     return models
 
 
@@ -275,3 +276,61 @@ def test_op_counter_sees_backward(bench):
     both = count_ops(lambda: torch.autograd.grad((x @ w).sum(), x))
     assert forward_only["ops"] >= 1 and both["ops"] > forward_only["ops"]
     assert forward_only["matmul_flops"] == 2 * 8 * 4 * 4
+
+
+def test_painn_reimplementation_equals_schnetpack(bench, monkeypatch):
+    """With schnetpack's weights copied in, the re-implementation gives schnetpack PaiNN's energies and forces.
+
+    schnetpack is not a dependency (2.1.1 needs sympy <= 1.12; 2.0.3 imports the private name
+    torch.utils.data.dataloader.T_co, gone in torch 2.13): this runs where it is installed by hand, with that
+    typing alias put back for the import.
+    """
+    import typing
+
+    import torch.utils.data.dataloader as dataloader
+
+    if not hasattr(dataloader, "T_co"):
+        monkeypatch.setattr(dataloader, "T_co", typing.TypeVar("T_co", covariant=True), raising=False)
+    pytest.importorskip("schnetpack")
+    from benchmarks.peers.schnetpack_adapter import SchNetPackPaiNN
+    from torch_geometric.data import Batch
+
+    torch.manual_seed(0)
+    F, T = 16, 2
+    ref = SchNetPackPaiNN(num_features=F, num_interactions=T, num_rbf=8).double()
+    ours = bench.peers.painn.PaiNN(num_features=F, num_interactions=T, num_rbf=8).double()
+
+    def chunks(t, order):  # reorder the F-row blocks of an output dimension
+        return torch.cat([t[k * F:(k + 1) * F] for k in order])
+
+    rep = ref.representation
+    with torch.no_grad():
+        ours.embedding.weight.zero_()[:100] = rep.embedding.weight
+        filt_w, filt_b = rep.filter_net.weight, rep.filter_net.bias  # (T * 3F, rbf), all blocks at once
+        for t in range(T):
+            # schnetpack splits messages (dq, dmuR, dmumu), ours (x_vv, x_s, x_vs); mixing (V, W) vs ours (U v, V v)
+            w, b = filt_w[3 * F * t:3 * F * (t + 1)], filt_b[3 * F * t:3 * F * (t + 1)]
+            ours.filters[t].weight.copy_(chunks(w, [2, 0, 1]))
+            ours.filters[t].bias.copy_(chunks(b, [2, 0, 1]))
+            net = rep.interactions[t].interatomic_context_net
+            ours.phi[t][0].load_state_dict(net[0].state_dict())
+            ours.phi[t][2].weight.copy_(chunks(net[1].weight, [2, 0, 1]))
+            ours.phi[t][2].bias.copy_(chunks(net[1].bias, [2, 0, 1]))
+            mix = rep.mixing[t]
+            ours.mix_uv[t].weight.copy_(chunks(mix.mu_channel_mix.weight, [1, 0]))
+            ours.update[t][0].load_state_dict(mix.intraatomic_context_net[0].state_dict())
+            ours.update[t][2].weight.copy_(chunks(mix.intraatomic_context_net[1].weight, [1, 2, 0]))
+            ours.update[t][2].bias.copy_(chunks(mix.intraatomic_context_net[1].bias, [1, 2, 0]))
+        ours.readout[0].load_state_dict(ref.readout.outnet[0].state_dict())
+        ours.readout[2].load_state_dict(ref.readout.outnet[1].state_dict())
+
+    box = bench.systems.water_box(2)
+    box.pos, box.edge_shift = box.pos.double(), box.edge_shift.double()
+    batch = Batch.from_data_list([box, box])
+    pos = batch.pos.requires_grad_(True)
+    e_ref = ref(batch)
+    e_ours = ours(batch.z, pos, batch.batch, batch.edge_index, batch.edge_shift, 2)
+    torch.testing.assert_close(e_ours, e_ref)
+    f_ref, f_ours = (torch.autograd.grad(e.sum(), pos)[0] for e in (e_ref, e_ours))
+    torch.testing.assert_close(f_ours, f_ref)
+    assert e_ref.abs().min() > 0
