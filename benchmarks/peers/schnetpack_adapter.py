@@ -22,7 +22,8 @@ def unavailable_reason() -> Optional[str]:
     try:
         import schnetpack  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
-        return f"schnetpack not importable ({type(exc).__name__}: {exc}); install with: pip install -e '.[bench]'"
+        return (f"schnetpack not importable ({type(exc).__name__}: {exc}); not in the bench group: 2.1.1 needs "
+                "sympy<=1.12, 2.0.3 fails to import on torch 2.13; painn-reimpl is the checked re-implementation")
     return None
 
 
