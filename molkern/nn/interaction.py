@@ -44,7 +44,9 @@ class InteractionBlock(nn.Module):
         self.irreps_out = self.gate.irreps_out
         self.linear_1 = o3.Linear(self.irreps_in, self.irreps_in)
         self.conv = conv
-        self.linear_2 = o3.Linear(conv.irreps_out, self.gate.irreps_in)
+        # conv.irreps_out is sorted (one block per path): merging equal neighbours keeps the memory layout, the
+        # weights (same flat order) and the initialisation, and makes e3nn emit one matmul per irrep, not per path
+        self.linear_2 = o3.Linear(conv.irreps_out.simplify(), self.gate.irreps_in)
         self.self_connection = o3.FullyConnectedTensorProduct(self.irreps_in, irreps_node_attr, self.gate.irreps_in)
         self.resnet = resnet and self.irreps_out == self.irreps_in
 
