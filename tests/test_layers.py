@@ -91,3 +91,31 @@ def test_checker_input_errors():
         assert_equivariant(lambda v: v, groups.get("o3"), [torch.randn(2, 4)], ["1x1o"], "1x1o")
     with pytest.raises(ValueError, match="irreps_in entries"):
         assert_equivariant(lambda v: v, groups.get("o3"), [torch.randn(2, 3)], [], "1x1o")
+
+
+@pytest.mark.parametrize("irreps_in, irreps_attr, irreps_out", [
+    ("8x0e+8x1o+8x2e", "5x0e", "24x0e+8x1o+8x2e"),
+    ("4x0e+2x0o+3x1o+2x1e+2x2o", "3x0e+2x0o", "0e+0o+2x1o+1e+2e+2o+3o"),  # every parity; 3o: an empty block
+])
+def test_scalar_attribute_self_connection_equals_e3nn(irreps_in, irreps_attr, irreps_out):
+    """The lean self-connection is e3nn's FullyConnectedTensorProduct: same weights, values and gradients."""
+    from molkern.nn.self_connection import ScalarAttributeTensorProduct
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        reference = o3.FullyConnectedTensorProduct(irreps_in, irreps_attr, irreps_out)
+        torch.manual_seed(0)
+        lean = ScalarAttributeTensorProduct(irreps_in, irreps_attr, irreps_out)
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(reference.weight, lean.weight)
+    x = o3.Irreps(irreps_in).randn(7, -1, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(7, o3.Irreps(irreps_attr).dim, dtype=torch.float64)
+    out, out_ref = lean(x, z), reference(x, z)
+    assert torch.allclose(out, out_ref, rtol=0, atol=1e-12)
+    (g,), (g_ref,) = torch.autograd.grad(out.sum(), x), torch.autograd.grad(out_ref.sum(), x)
+    assert torch.allclose(g, g_ref, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="scalars"):
+        ScalarAttributeTensorProduct(irreps_in, "1x1o", irreps_out)

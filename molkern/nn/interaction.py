@@ -7,6 +7,7 @@ from torch import nn
 from .conv import SteerableConv
 from .edges import Edges
 from .mlp import make_gate
+from .self_connection import ScalarAttributeTensorProduct
 from .eager import eager_e3nn
 
 
@@ -47,7 +48,9 @@ class InteractionBlock(nn.Module):
         # conv.irreps_out is sorted (one block per path): merging equal neighbours keeps the memory layout, the
         # weights (same flat order) and the initialisation, and makes e3nn emit one matmul per irrep, not per path
         self.linear_2 = o3.Linear(conv.irreps_out.simplify(), self.gate.irreps_in)
-        self.self_connection = o3.FullyConnectedTensorProduct(self.irreps_in, irreps_node_attr, self.gate.irreps_in)
+        scalar_attrs = all(ir.l == 0 for _, ir in o3.Irreps(irreps_node_attr))
+        self_connection = ScalarAttributeTensorProduct if scalar_attrs else o3.FullyConnectedTensorProduct
+        self.self_connection = self_connection(self.irreps_in, irreps_node_attr, self.gate.irreps_in)
         self.resnet = resnet and self.irreps_out == self.irreps_in
 
     def forward(
