@@ -143,3 +143,24 @@ def test_sweep_writes_results_and_resumes_with_more_seeds(tmp_path):
     assert [(r["stiffness"], r["seed"]) for r in second["runs"]] == [(0.0, 0), (2.0, 0), (0.0, 1), (2.0, 1)]
     assert second["runs"][:2] == first["runs"]  # kept, not retrained
     assert {s["num_seeds"] for s in second["summary"]} == {2}
+    (out / "nbody_sweep.png").unlink()
+    nbody_sweep.main(["--config", _sweep_config(tmp_path, [0, 1]), "--out", str(out), "--replot"])
+    assert (out / "nbody_sweep.png").exists()
+    assert json.loads((out / "results.json").read_text()) == second  # replot trains nothing
+
+
+@pytest.mark.slow
+def test_sweep_runs_identical_with_two_jobs(tmp_path):
+    """Two worker processes (spawned, fresh width caches) give exactly the runs of one process."""
+    import json
+
+    from molkern.experiments import nbody_sweep
+
+    config = _sweep_config(tmp_path, [0])
+    results = []
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        nbody_sweep.main(["--config", config, "--out", str(out), "--no-progress", "--jobs", str(jobs)])
+        runs = json.loads((out / "results.json").read_text())["runs"]
+        results.append([(r["stiffness"], r["test_mse"], r["val_curve"]) for r in runs])
+    assert results[0] == results[1]

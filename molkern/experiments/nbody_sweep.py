@@ -6,7 +6,7 @@ molkern.data.NBody at each stiffness for several seeds.
 
 Usage:
     python -m molkern.experiments.nbody_sweep --config configs/nbody_quick.yaml [--out DIR] [--jobs 2]
-        [--num-threads 1] [--no-progress]
+        [--num-threads 1] [--no-progress] [--resume] [--replot]
 
 Writes DIR/results.json (config, parameter counts, every run, mean/std per (group, k), total seconds)
 and DIR/nbody_sweep.png (test MSE vs k, one line per model, error bars = std over seeds, log y).
@@ -90,11 +90,12 @@ def main(argv=None):
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/nbody_quick.yaml")
     parser.add_argument("--out", default=None, help="output directory (default: results/<config name>)")
     parser.add_argument("--num-threads", type=int, default=1,
-                        help="torch intra-op threads per run (default 1: the graphs are tiny, more threads mostly add overhead)")
+                        help="torch intra-op threads per run (default 1: tiny graphs, more threads mostly add overhead)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
     parser.add_argument("--resume", action="store_true",
                         help="keep finished runs of DIR/results.json (same config; the seeds may differ)")
     parser.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bars")
+    parser.add_argument("--replot", action="store_true", help="only redo the PNG and table from DIR/results.json")
     args = parser.parse_args(argv)
 
     config = yaml.safe_load(Path(args.config).read_text())
@@ -103,6 +104,9 @@ def main(argv=None):
         raise SystemExit(f"unknown config key(s) {sorted(unknown)}; valid: {sorted(KEYS)}")
     out = Path(args.out or Path("results") / Path(args.config).stem)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        result = json.loads((out / "results.json").read_text())
+        return report(result["config"], summarise(result["runs"]), out, result["seconds"])
 
     if args.jobs < 1 or args.num_threads < 1:
         raise SystemExit("--jobs and --num-threads must be >= 1")
@@ -150,16 +154,22 @@ def main(argv=None):
                                  initargs=(args.num_threads,)) as pool:
             for future in [pool.submit(_train, job) for job in jobs]:
                 record(future.result())
-    summary = summarise(runs)
+    report(config, summarise(runs), out, previous + time.perf_counter() - start)
+
+
+def report(config, summary, out, seconds):
+    """Write DIR/nbody_sweep.png and print the table of mean +- std test MSE (n = number of seeds)."""
     if not summary:
         raise SystemExit("no runs")
     plot(summary, out / "nbody_sweep.png")
-    print(f"\ntest MSE, mean +- std over seeds\n{'group':9s} " + " ".join(f"{f'k={k:g}':<19s}" for k in config["stiffness"]))
-    for group in groups:
+    header = " ".join(f"{f'k={k:g}':<24s}" for k in config["stiffness"])
+    print(f"\ntest MSE, mean +- std over seeds\n{'group':9s} {header}")
+    for group in config.get("groups", ["o3", "so2", "o2", "baseline"]):
         cells = {s["stiffness"]: s for s in summary if s["group"] == group}
-        print(f"{group:9s} " + " ".join(f"{cells[float(k)]['mean']:.5f} +- {cells[float(k)]['std']:.5f}  "
-                                        for k in config["stiffness"]))
-    print(f"total {previous + time.perf_counter() - start:.0f} s; wrote {out / 'results.json'} and {out / 'nbody_sweep.png'}")
+        row = [f"{c['mean']:.5f} +- {c['std']:.5f} (n={c['num_seeds']})" if c else "-"
+               for c in (cells.get(float(k)) for k in config["stiffness"])]
+        print(f"{group:9s} " + " ".join(f"{x:<24s}" for x in row))
+    print(f"total {seconds:.0f} s; wrote {out / 'results.json'} and {out / 'nbody_sweep.png'}")
 
 
 if __name__ == "__main__":
