@@ -64,13 +64,14 @@ def _train(kwargs):
 
 
 def plot(summary, path):
-    import matplotlib
+    """Test MSE against k, one line per model (error bars = std over seeds), written atomically to `path`."""
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..io import save_figure
 
     labels = {"o3": "O(3)", "so2": "SO(2)", "o2": "O(2) (C$_{\\infty v}$)", "baseline": "MPNN (no symmetry)"}
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     for group in dict.fromkeys(s["group"] for s in summary):
         rows = sorted((s for s in summary if s["group"] == group), key=lambda s: s["stiffness"])
         ax.errorbar([s["stiffness"] for s in rows], [s["mean"] for s in rows], yerr=[s["std"] for s in rows],
@@ -81,8 +82,7 @@ def plot(summary, path):
     ax.set_title("N-body: test MSE at best validation epoch")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    save_figure(fig, path, dpi=150)
 
 
 def main(argv=None):
