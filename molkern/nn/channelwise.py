@@ -129,7 +129,8 @@ class ChannelwiseProduct(nn.Module):
 
 
 class PermuteColumns(torch.autograd.Function):
-    """x[..., perm] for a permutation perm, whose backward is the inverse gather (autograd's default, index_add_, is several times slower)."""
+    """x[..., perm] for a permutation perm; its backward is the inverse gather (autograd's default backward of
+    index_select, index_add_, is several times slower)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:

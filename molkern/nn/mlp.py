@@ -46,8 +46,8 @@ class Gate(nn.Module):
     """e3nn's gated nonlinearity (same layout, activations and values) in a handful of tensor operations.
 
     e3nn's `Gate` extracts its three parts with per-block slices and multiplies with an
-    ElementwiseTensorProduct (hundreds of autograd nodes at l <= 4); here one optional column permutation,
-    one split, the two activations and one broadcast product per gated block.
+    ElementwiseTensorProduct; here one optional column permutation, one split, the two activations and one
+    broadcast product per gated block.
 
     Shapes:
         x: (B, irreps_in.dim) laid out as irreps_in (sorted: scalars and gates first) -> (B, irreps_out.dim)
