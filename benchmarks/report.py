@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+from molkern.io import atomic_write
+
 
 def _get(result, task, name, key):
     row = result["results"].get(task, {}).get(name, {})
@@ -222,6 +224,6 @@ def write_all(result, out: Path) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result["files"] = [str(p.name) for p in plots(result, out)] + ["benchmarks.md", "README_snippet.md"]
-    (out / "benchmarks.json").write_text(json.dumps(result, indent=2))
-    (out / "benchmarks.md").write_text(markdown(result))
-    (out / "README_snippet.md").write_text(readme_snippet(result))
+    atomic_write(out / "benchmarks.json", json.dumps(result, indent=2))
+    atomic_write(out / "benchmarks.md", markdown(result))
+    atomic_write(out / "README_snippet.md", readme_snippet(result))

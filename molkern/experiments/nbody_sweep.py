@@ -30,6 +30,9 @@ from pathlib import Path
 
 import yaml
 
+from ..io import atomic_write, save_figure
+
+GROUPS = ["o3", "so2", "o2", "baseline"]  # default models of a sweep
 KEYS = {"data_root", "stiffness", "groups", "seeds", "data", "model", "optim", "trainer"}
 
 
@@ -66,8 +69,6 @@ def _train(kwargs):
 def plot(summary, path):
     """Test MSE against k, one line per model (error bars = std over seeds), written atomically to `path`."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
-
-    from ..io import save_figure
 
     labels = {"o3": "O(3)", "so2": "SO(2)", "o2": "O(2) (C$_{\\infty v}$)", "baseline": "MPNN (no symmetry)"}
     fig = Figure(figsize=(5, 3.5))
@@ -113,7 +114,7 @@ def main(argv=None):
     _init_worker(args.num_threads)
     from molkern.train import NBodyDataModule, parameter_counts
 
-    groups = config.get("groups", ["o3", "so2", "o2", "baseline"])
+    groups = config.get("groups", GROUPS)
     counts = parameter_counts(groups, **config.get("model", {}))
     print("parameters:", counts, flush=True)
     root = config.get("data_root", "data/nbody")
@@ -123,6 +124,7 @@ def main(argv=None):
                  optim=config.get("optim"), data=config.get("data"), progress=not args.no_progress and args.jobs == 1,
                  **config.get("trainer", {}))
             for seed in config.get("seeds", [0]) for k in config["stiffness"] for group in groups]
+    order = {(float(j["stiffness"]), j["seed"], j["group"]): i for i, j in enumerate(jobs)}  # seed-major
     runs, start, previous = [], time.perf_counter(), 0.0
     if args.resume and (out / "results.json").exists():
         old = json.loads((out / "results.json").read_text())
@@ -133,8 +135,6 @@ def main(argv=None):
         done = {(r["stiffness"], r["seed"], r["group"]) for r in runs}
         jobs = [j for j in jobs if (float(j["stiffness"]), j["seed"], j["group"]) not in done]
         print(f"resuming: {len(runs)} runs kept, {len(jobs)} to train", flush=True)
-    order = {(float(k), seed, g): i for i, (seed, k, g) in enumerate(
-        (seed, k, g) for seed in config.get("seeds", [0]) for k in config["stiffness"] for g in groups)}
 
     def record(run):
         runs.append(run)
@@ -143,7 +143,7 @@ def main(argv=None):
         runs.sort(key=lambda r: order[(r["stiffness"], r["seed"], r["group"])])
         result = {"config": config, "parameter_counts": counts, "jobs": args.jobs, "num_threads": args.num_threads,
                   "runs": runs, "summary": summarise(runs), "seconds": previous + time.perf_counter() - start}
-        (out / "results.json").write_text(json.dumps(result, indent=2))
+        atomic_write(out / "results.json", json.dumps(result, indent=2))
 
     if args.jobs == 1:
         for job in jobs:
@@ -164,7 +164,7 @@ def report(config, summary, out, seconds):
     plot(summary, out / "nbody_sweep.png")
     header = " ".join(f"{f'k={k:g}':<24s}" for k in config["stiffness"])
     print(f"\ntest MSE, mean +- std over seeds\n{'group':9s} {header}")
-    for group in config.get("groups", ["o3", "so2", "o2", "baseline"]):
+    for group in config.get("groups", GROUPS):
         cells = {s["stiffness"]: s for s in summary if s["group"] == group}
         row = [f"{c['mean']:.5f} +- {c['std']:.5f} (n={c['num_seeds']})" if c else "-"
                for c in (cells.get(float(k)) for k in config["stiffness"])]

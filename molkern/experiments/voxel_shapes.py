@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io import atomic_write
+
 GRID = 32
 EXTENT = 1.0  # the grid spans [-EXTENT, EXTENT]^3 (dimensionless mesh units; meshes fit the unit ball)
 POINTS_PER_SHAPE = 12_000
@@ -198,7 +200,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     result = {"args": vars(args), "grid": GRID, "classes": list(SHAPE_CLASSES), "runs": runs, "seconds": total,
               "threads": torch.get_num_threads()}
-    (out / "voxel_shapes.json").write_text(json.dumps(result, indent=2))
+    atomic_write(out / "voxel_shapes.json", json.dumps(result, indent=2))
     print(f"total {total:.0f} s; wrote {out / 'voxel_shapes.json'}")
 
 
