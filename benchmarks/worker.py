@@ -6,7 +6,8 @@ Tasks (each returns a dict of numbers; times are medians over repeats after unti
     latency  one molecule's energy+forces (the ASE MD step; one torch thread) on fixed QM9 molecules, the
              vesin neighbour-list time for the same molecule, the op count of one such call and, for molkern,
              a whole step through molkern.calculator.MolkernCalculator (atoms moved, get_forces()).
-    scaling  energy+forces time per atom of periodic water boxes of growing size (settings["box_sizes"]).
+    scaling  energy+forces time per atom of periodic water boxes of growing size (settings["box_sizes"]); the
+             first box gets extra warm-up calls (one-off costs of a fresh process), see task_scaling.
     conv     molkern only: each block's convolution timed alone on a QM9 batch, useful tensor-product
              FLOPs (benchmarks.flops) -> achieved GFLOP/s.
     machine  fp32 torch.mm peak GFLOP/s with 1 and ``threads`` threads (model ignored).
@@ -160,40 +161,55 @@ def ase_step_ms(model, mols, warmup: int, repeats: int) -> float:
 
 
 def task_scaling(name: str, settings: dict) -> dict:
+    """Energy+forces time of each water box (settings["box_sizes"]), one model built once for all boxes.
+
+    Warm-up: every box gets ``scaling_warmup`` untimed calls (its first call pays the page faults of its new,
+    larger buffers); the first measured box gets ``scaling_first_warmup`` more, for the one-off costs of a fresh
+    process (lazy caches, TorchScript profiling-executor runs, allocator growth), which otherwise land in the
+    smallest box's time. The untimed calls' times are kept per box (``warmup_call_ms``).
+    Budgets: a box is skipped when the last measured box's time or peak memory, scaled linearly with the atom
+    count, exceeds ``scaling_budget_s`` / ``scaling_memory_budget_mb``; with ``scaling_largest`` the largest box
+    is measured whatever the time projection (the memory budget still applies: an out-of-memory worker dies).
+    """
     model, points = None, []
+    largest = max(settings["box_sizes"])
     for k in settings["box_sizes"]:
         box = water_box(k)
         point = {"k": k, "atoms": box.num_nodes, "edges": box.edge_index.shape[1],
                  "neighbor_list_ms": 1e3 * box.neighbor_list_s}
         last = next((p for p in reversed(points) if p.get("status") == "ok"), None)
-        if points and points[-1].get("status") != "ok":
+        forced = bool(settings.get("scaling_largest")) and k == largest and last is not None
+        if points and points[-1].get("status") != "ok" and not forced:
             points.append({**point, "status": "skipped: a smaller box was not measured"})
             continue
         if last is not None:  # linear projection from the previous box: stay within the time and memory budgets
             grow = box.num_nodes / last["atoms"]
-            if last["ms"] / 1e3 * grow > settings["scaling_budget_s"] or \
-                    last["peak_mb"] * grow > settings["scaling_memory_budget_mb"]:
+            over_time = last["ms"] / 1e3 * grow > settings["scaling_budget_s"] and not forced
+            if over_time or last["peak_mb"] * grow > settings["scaling_memory_budget_mb"]:
                 points.append({**point, "status": f"skipped: projected {last['ms'] / 1e3 * grow:.0f} s, "
                                                   f"{last['peak_mb'] * grow:.0f} MB per call (budgets "
-                                                  f"{settings['scaling_budget_s']:g} s, "
+                                                  f"{settings['scaling_budget_s']:g} s"
+                                                  f"{' (not applied: --scaling-largest)' if forced else ''}, "
                                                   f"{settings['scaling_memory_budget_mb']:g} MB)"})
                 continue
         batch = as_batch([box])
+        warmup = settings["scaling_warmup"]
         if model is None:  # the same weights for every size; normalised by the first box's mean in-degree
             model = build(name, batch.edge_index.shape[1] / batch.num_nodes)
             model.module.eval()
+            warmup += settings.get("scaling_first_warmup", 0)
         gc.collect()
         base = qt.rss_mb()
         qt.reset_peak()
         try:
-            seconds = timed(lambda: energy_forces(model, batch), settings["scaling_warmup"],
-                            settings["scaling_repeats"])
+            cold = timed(lambda: energy_forces(model, batch), 0, warmup)
+            seconds = timed(lambda: energy_forces(model, batch), 0, settings["scaling_repeats"])
         except (RuntimeError, MemoryError) as exc:
             points.append({**point, "status": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
             continue
         ms = 1e3 * statistics.median(seconds)
         points.append({**point, "status": "ok", "ms": ms, "us_per_atom": 1e3 * ms / box.num_nodes,
-                       "peak_mb": qt.peak_mb() - base})
+                       "peak_mb": qt.peak_mb() - base, "warmup_call_ms": [1e3 * t for t in cold]})
     return {"params": model.params if model else None, "description": model.description if model else None,
             "points": points}
 
