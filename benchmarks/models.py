@@ -27,7 +27,7 @@ NEQUIP = {"num_features": 32, "num_layers": 4, "parity": False}  # nequip's defa
 def model_specs() -> dict:
     """name -> spec; the order is the table order."""
     specs = {}
-    for kernel in ("factorised", "full", "standard"):
+    for kernel in ("depthwise", "factorised", "full", "standard"):
         for lmax in (1, 2):
             specs[f"molkern-{kernel}-l{lmax}"] = {"family": "molkern", "kernel": kernel, "lmax": lmax}
     specs["schnet"] = {"family": "schnet"}

@@ -59,7 +59,7 @@ def model_specs():
     """name -> spec; every name is a row of the table."""
     specs = {}
     for graph in ("bonds", "radius"):
-        for kernel in ("factorised", "full", "standard"):
+        for kernel in ("depthwise", "factorised", "full", "standard"):
             for lmax in (1, 2):
                 specs[f"{kernel}-l{lmax}-{graph}"] = {"family": "molkern", "kernel": kernel, "lmax": lmax,
                                                       "graph": graph}

@@ -34,7 +34,7 @@ def setup(group, form, irreps_in=IRREPS_IN, irreps_out=IRREPS_OUT, seed=0, dtype
     return emb, kernel, inputs
 
 
-@pytest.mark.parametrize("form", ["factorised", "full"])
+@pytest.mark.parametrize("form", ["depthwise", "factorised", "full"])
 @pytest.mark.parametrize("name", list(GROUP_CASES))
 def test_lemma1_steerable_in_group_and_broken_outside(name, form):
     """k(g.x, rho_z(g) z) = rho_out(g) k(x, z) rho_in(g)^-1 for g in G (float64 and float32), not outside G."""
@@ -62,7 +62,46 @@ def test_full_kernel_equals_reference_that_materialises_the_matrix(dtype):
     assert (K - K_ref).abs().max() < tol * K.abs().max()
 
 
-@pytest.mark.parametrize("form", ["factorised", "full"])
+def test_depthwise_kernel_equals_reference(dtype):
+    """Messages of the depthwise form == K[e, head(u)] x[e, u], K built path by path from the MLP output."""
+    from e3nn import o3
+
+    group, _ = make_group("so2")
+    irreps_in, irreps_out, heads = o3.Irreps("4x0e+4x1o+4x1e+4x2e"), o3.Irreps("4x0o+4x1o+4x2e"), 2
+    emb, _, inputs = setup(group, "depthwise", dtype=dtype)
+    torch.manual_seed(1)
+    kernel = ImplicitKernel(irreps_in, irreps_out, emb.irreps_kernel_in, "depthwise", mlp_width=4, heads=heads)
+    kernel = kernel.to(dtype).eval()
+    edges = emb(**inputs)
+    num_edges = edges.vec.shape[0]
+    x = irreps_in.randn(num_edges, -1, dtype=dtype)
+    coefficients = kernel.mlp(edges.kernel_in) * edges.envelope  # (E, irreps_coefficients.dim), e3nn layout
+    tp = kernel.tp
+    count = {ir: sum(1 for _, _, t in tp.paths if t == ir) for _, ir in tp.irreps_coefficients}
+    into = {o: sum(1 for _, t, _ in tp.paths if t == o) for o in range(len(irreps_out))}
+    coef_slices = dict(zip([ir for _, ir in tp.irreps_coefficients], tp.irreps_coefficients.slices()))
+    expected = torch.zeros(num_edges, irreps_out.dim, dtype=dtype)
+    seen = {ir: 0 for ir in count}
+    for i, o, ir in tp.paths:
+        ir1, ir3 = irreps_in[i].ir, irreps_out[o].ir
+        C = o3.wigner_3j(ir1.l, ir.l, ir3.l, dtype=dtype) * ((2 * ir3.l + 1) / into[o]) ** 0.5
+        c = coefficients[:, coef_slices[ir]].view(num_edges, heads, count[ir], ir.dim)[:, :, seen[ir]]  # (E, H, d2)
+        seen[ir] += 1
+        x_block = x[:, irreps_in.slices()[i]].view(num_edges, 4, ir1.dim)  # (E, U, d1)
+        c_per_channel = c.repeat_interleave(4 // heads, dim=1)  # (E, U, d2): head(u) = u // (U / H)
+        out = torch.einsum("ijk,eui,euj->euk", C, x_block, c_per_channel)
+        expected[:, irreps_out.slices()[o]] += out.reshape(num_edges, -1)
+    got = kernel(x, edges)
+    assert expected.abs().max() > 0.1
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert (got - expected).abs().max() < tol * expected.abs().max()
+    with pytest.raises(ValueError, match="heads must divide"):
+        ImplicitKernel(irreps_in, irreps_out, emb.irreps_kernel_in, "depthwise", heads=3)
+    with pytest.raises(ValueError, match="same multiplicity"):
+        ImplicitKernel("4x0e+2x1o", irreps_out, emb.irreps_kernel_in, "depthwise")
+
+
+@pytest.mark.parametrize("form", ["depthwise", "factorised", "full"])
 def test_band_limit_no_block_identically_zero(form):
     """2e -> 2e kernels need harmonics up to l = 4; the l = 4 part of the kernel must be present."""
     torch.set_default_dtype(torch.float64)
@@ -123,7 +162,7 @@ def test_bad_form_and_attrs():
         emb(torch.randn(3, 3), torch.randn(3, 5))
 
 
-@pytest.mark.parametrize("form", ["factorised", "full"])
+@pytest.mark.parametrize("form", ["depthwise", "factorised", "full"])
 def test_parity_blocks_kept_exactly_where_the_group_allows_them(form):
     """1o -> 1o kernels: the 1e (antisymmetric) block needs a pseudovector such as x X a. O(3) kernels of x alone
     have none (it is left out as identically zero); SO(2) kernels must keep it."""

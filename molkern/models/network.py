@@ -18,7 +18,7 @@ from ..nn import (
     irreps_up_to,
 )
 
-KERNELS = ("factorised", "full", "standard")
+KERNELS = ("depthwise", "factorised", "full", "standard")
 
 
 class MolkernNet(nn.Module):
@@ -31,7 +31,9 @@ class MolkernNet(nn.Module):
         irreps_out: output irreps per node: "1x0e" energy-like, "1x1o" vector, "40x0e" logits.
         pooling: "sum" or "mean" per graph, or None for per-node outputs.
         group: a molkern.groups.Group or a name for molkern.groups.get ("o3", "so2", ...).
-        kernel: "factorised" (fast implicit), "full" (paper-exact implicit) or "standard" (NequIP, O(3) only).
+        kernel: implicit "depthwise" (default, fastest: per edge, kernel_heads kernel matrices, each applied to
+            its share of the channels), "factorised" (one angular vector, per-channel path weights) or "full"
+            (paper-exact, channel mixing on edges); or "standard" (NequIP's radial x SH, O(3) only).
         num_channels: multiplicity of each hidden irrep; lmax: largest l of hidden features.
         parity: "natural" (0e, 1o, 2e, ...) or "both" hidden parities.
         num_layers: number of interaction blocks.
@@ -39,6 +41,8 @@ class MolkernNet(nn.Module):
         kernel_mlp_width: multiplicity of each hidden irrep of the kernel MLP.
         kernel_trunk_layers: gated layers of the kernel MLP shared by all blocks (run once per forward).
         kernel_head_layers: gated layers of each block's own kernel head (0: a Linear head).
+        kernel_heads: kernel matrices per edge of the depthwise kernel (divides num_channels).
+        kernel_channel_weights: the depthwise kernel also scales each channel by an invariant of the edge.
         kernel_batch_norm: batch-normalise the harmonic polynomials fed to the kernel MLP.
         kernel_node_attrs: feed node attributes of both ends to the kernel MLP.
         avg_num_neighbors: normalisation of the neighbour sum (see `average_num_neighbors`).
@@ -58,7 +62,7 @@ class MolkernNet(nn.Module):
         irreps_out: Union[str, o3.Irreps] = "1x0e",
         pooling: Optional[str] = "sum",
         group: Union[str, "groups_lib.Group"] = "o3",
-        kernel: str = "factorised",
+        kernel: str = "depthwise",
         num_channels: int = 16,
         lmax: int = 1,
         parity: str = "natural",
@@ -68,6 +72,8 @@ class MolkernNet(nn.Module):
         kernel_mlp_width: int = 8,
         kernel_trunk_layers: int = 2,
         kernel_head_layers: int = 0,
+        kernel_heads: int = 2,
+        kernel_channel_weights: bool = True,
         kernel_batch_norm: bool = True,
         kernel_node_attrs: bool = True,
         avg_num_neighbors: float = 1.0,
@@ -107,7 +113,7 @@ class MolkernNet(nn.Module):
             if implicit:
                 k = ImplicitKernel(
                     irreps, self.irreps_hidden, self.edge_embedding.irreps_kernel_in, kernel,
-                    kernel_mlp_width, kernel_head_layers,
+                    kernel_mlp_width, kernel_head_layers, heads=kernel_heads, channel_weights=kernel_channel_weights,
                 )
             else:
                 k = StandardKernel(irreps, self.irreps_hidden, self.edge_embedding.irreps_sh, num_radial)

@@ -14,8 +14,8 @@ class SteerableConv(nn.Module):
 
     Args:
         kernel: an ImplicitKernel or StandardKernel (anything with irreps_in/irreps_out and
-            forward(node_feats_src, edges); if it also has `messages` and `arrange`, the messages are summed
-            in their own column order and only the node sums are arranged).
+            forward(node_feats_src, edges); if it also has `prepare`, `messages` and `arrange`, node features are
+            prepared before the gather, messages summed in their own column order and the node sums arranged).
         avg_num_neighbors: normalisation of the neighbour sum (mean in-degree of the training graphs).
 
     Shapes:
@@ -32,12 +32,12 @@ class SteerableConv(nn.Module):
         self.avg_num_neighbors = float(avg_num_neighbors)
 
     def forward(self, node_feats: torch.Tensor, edges: Edges, edge_index: torch.Tensor) -> torch.Tensor:
-        feats_src = torch.index_select(node_feats, 0, edge_index[0])  # (E, irreps_in.dim)
         if hasattr(self.kernel, "messages"):
+            feats_src = torch.index_select(self.kernel.prepare(node_feats), 0, edge_index[0])  # (E, irreps_in.dim)
             messages = self.kernel.messages(feats_src, edges)  # (E, irreps_out.dim), the kernel's column order
             sums = scatter_sum(messages, edge_index[1], node_feats.shape[0])  # (N, irreps_out.dim)
             return self.kernel.arrange(sums) / self.avg_num_neighbors
-        messages = self.kernel(feats_src, edges)  # (E, irreps_out.dim)
+        messages = self.kernel(torch.index_select(node_feats, 0, edge_index[0]), edges)  # (E, irreps_out.dim)
         return scatter_sum(messages, edge_index[1], node_feats.shape[0]) / self.avg_num_neighbors
 
     def extra_repr(self) -> str:

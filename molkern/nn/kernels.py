@@ -1,4 +1,4 @@
-"""Steerable kernels applied to source node features: implicit (full or factorised) and standard.
+"""Steerable kernels applied to source node features: implicit (depthwise, factorised or full) and standard.
 
 A kernel maps the gathered source features f_j and the edge tensors to messages k(x_ij, z) f_j
 without materialising a (d_out x d_in) matrix per edge; `kernel_matrix` materialises it for tests and plots.
@@ -12,6 +12,7 @@ from e3nn import o3
 from torch import nn
 
 from .channelwise import ChannelwiseProduct
+from .depthwise import DepthwiseProduct
 from .edges import Edges
 from .mlp import EquivariantMLP, filter_irreps, irreps_up_to, reachable_irreps
 from .eager import eager_e3nn
@@ -49,6 +50,9 @@ def channelwise_tensor_product(irreps_in: o3.Irreps, irreps_edge: o3.Irreps, irr
     )
 
 
+IMPLICIT_FORMS = ("depthwise", "factorised", "full")
+
+
 class ImplicitKernel(nn.Module):
     """Implicit steerable kernel k(x, z_ij, z_i, z_j) produced by an equivariant MLP (paper eq. 3-5).
 
@@ -56,6 +60,10 @@ class ImplicitKernel(nn.Module):
     references); fed constant references, it is equivariant to their stabiliser G, hence so is the kernel.
 
     Forms:
+        "depthwise" (default): the paper's kernel matrix in Hom(rho_in, rho_out) per edge and head: the MLP emits,
+            per head, one vector per kernel path l1 x l2 -> l3 (`DepthwiseProduct`), reshaped by Clebsch-Gordan
+            coefficients into a (d_out x d_in) matrix that multiplies every channel of its head. Channels are
+            mixed on nodes, before gather and after scatter.
         "full": the paper-exact kernel. The MLP emits h_ij (mlp_width copies of every irrep in
             rho_in (x) rho_out); the kernel applied to f_j is TP(f_j, h_ij) with shared "uvw" weights,
             i.e. any equivariant linear map of h_ij into rho_in (x) rho_out, reshaped and contracted with f_j.
@@ -71,7 +79,8 @@ class ImplicitKernel(nn.Module):
         irreps_out: irreps of the messages wanted (the factorised form's `irreps_out` is the sorted
             channel-wise product restricted to these irreps; its multiplicities follow irreps_in).
         irreps_kernel_in: `EdgeEmbedding.irreps_kernel_in`.
-        form: "full" or "factorised".
+        form: "depthwise", "factorised" or "full".
+        heads: kernel matrices per edge of the depthwise form (divides the multiplicity of irreps_in).
         mlp_width: multiplicity of each hidden irrep of the kernel MLP.
         mlp_layers: number of gated hidden layers.
         batch_norm: e3nn BatchNorm after each hidden gate.
@@ -86,14 +95,16 @@ class ImplicitKernel(nn.Module):
         irreps_in: o3.Irreps,
         irreps_out: o3.Irreps,
         irreps_kernel_in: o3.Irreps,
-        form: str = "factorised",
+        form: str = "depthwise",
         mlp_width: int = 8,
         mlp_layers: int = 2,
         batch_norm: bool = False,
+        heads: int = 1,
+        channel_weights: bool = False,
     ):
         super().__init__()
-        if form not in ("full", "factorised"):
-            raise ValueError(f"form must be 'full' or 'factorised', got {form!r}")
+        if form not in IMPLICIT_FORMS:
+            raise ValueError(f"form must be one of {IMPLICIT_FORMS}, got {form!r}")
         self.form = form
         self.irreps_in = o3.Irreps(irreps_in)
         blocks = kernel_irreps(self.irreps_in, irreps_out)
@@ -108,7 +119,14 @@ class ImplicitKernel(nn.Module):
                 f"build the EdgeEmbedding with lmax >= {self.lmax_band}"
             )
         hidden = filter_irreps(irreps_up_to(mlp_width, self.lmax_band, "both"), reachable)
-        if form == "full":
+        if form == "depthwise":
+            self.tp = DepthwiseProduct(self.irreps_in, irreps_out, heads, allowed=blocks)
+            self.irreps_out = self.tp.irreps_out
+            self.irreps_angular = self.tp.irreps_coefficients
+            self.num_channel_weights = self.irreps_in[0].mul if channel_weights else 0
+            irreps_mlp_out = self.irreps_angular + o3.Irreps(f"{self.num_channel_weights}x0e")
+            self.mlp = EquivariantMLP(irreps_kernel_in, hidden, irreps_mlp_out, mlp_layers, batch_norm)
+        elif form == "full":
             irreps_h = o3.Irreps([(mlp_width, ir) for ir in blocks])
             self.mlp = EquivariantMLP(irreps_kernel_in, hidden, irreps_h, mlp_layers, batch_norm)
             self.tp = o3.FullyConnectedTensorProduct(self.irreps_in, irreps_h, irreps_out)
@@ -123,17 +141,29 @@ class ImplicitKernel(nn.Module):
 
     def forward(self, node_feats_src: torch.Tensor, edges: Edges) -> torch.Tensor:
         """Messages k(x_ij, z) f_j: (E, irreps_in.dim) -> (E, irreps_out.dim)."""
-        return self.arrange(self.messages(node_feats_src, edges))
+        return self.arrange(self.messages(self.prepare(node_feats_src), edges))
+
+    def prepare(self, node_feats: torch.Tensor) -> torch.Tensor:
+        """Node (or source) features from e3nn's layout into the one `messages` reads."""
+        return self.tp.prepare(node_feats) if self.form == "depthwise" else node_feats
 
     def arrange(self, messages: torch.Tensor) -> torch.Tensor:
         """Messages (or sums of them) from `messages`' column order into irreps_out's layout."""
         return messages if self.form == "full" else self.tp.arrange(messages)
 
     def messages(self, node_feats_src: torch.Tensor, edges: Edges) -> torch.Tensor:
-        """Messages in the product's column order (see ChannelwiseProduct): (E, irreps_out.dim)."""
+        """Messages in the product's column order (see ChannelwiseProduct, DepthwiseProduct): (E, irreps_out.dim).
+
+        node_feats_src: source features in the layout `prepare` gives.
+        """
         h = self.mlp(edges.kernel_in)  # (E, irreps_mlp_out.dim)
-        # the messages are linear in h (full) or in the path weights (factorised): apply the cutoff envelope
-        # there, on the narrower tensor
+        # the messages are linear in h (full, depthwise) or in the path weights (factorised): apply the cutoff
+        # envelope there, on the narrower tensor
+        if self.form == "depthwise":
+            if not self.num_channel_weights:
+                return self.tp(node_feats_src, h * edges.envelope)  # (E, irreps_out.dim), head-major
+            coefficients, channel_weights = torch.split(h, [self.irreps_angular.dim, self.num_channel_weights], dim=1)
+            return self.tp(node_feats_src, coefficients * edges.envelope, channel_weights)
         if self.form == "full":
             return self.tp(node_feats_src, h * edges.envelope)  # (E, irreps_out.dim)
         angular, weights = torch.split(h, [self.irreps_angular.dim, self.tp.weight_numel], dim=1)
@@ -182,6 +212,10 @@ class StandardKernel(nn.Module):
     def forward(self, node_feats_src: torch.Tensor, edges: Edges) -> torch.Tensor:
         """Messages R(|x|) Y(x) f_j: (E, irreps_in.dim) -> (E, irreps_out.dim)."""
         return self.arrange(self.messages(node_feats_src, edges))
+
+    def prepare(self, node_feats: torch.Tensor) -> torch.Tensor:
+        """The layout `messages` reads: e3nn's (unchanged)."""
+        return node_feats
 
     def arrange(self, messages: torch.Tensor) -> torch.Tensor:
         """Messages (or sums of them) from `messages`' column order into irreps_out's layout."""
