@@ -51,6 +51,40 @@ def test_lemma1_steerable_in_group_and_broken_outside(name, form):
             assert broken.min() > 1e-2, f"{group!r} {form} should break outside the group: {broken}"
 
 
+@pytest.mark.parametrize("name", list(GROUP_CASES))
+def test_lemma1_invariant_trunk_and_head(name):
+    """The default kernel MLP (invariant trunk + InvariantWeightedLinear head) is steerable in G, not outside."""
+    group, R_out = make_group(name)
+    _, _, inputs = setup(group, "depthwise")
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float64)
+    try:
+        emb = EdgeEmbedding(5.0, lmax=4, group=group, irreps_edge_attr=EDGE_ATTRS, irreps_node_attr=NODE_ATTRS,
+                            trunk_layers=2, trunk_width=16, trunk_type="invariant").eval()
+        kernel = ImplicitKernel("2x0e+2x1e+2x2o", "2x0o+2x1o+2x2e", emb.irreps_kernel_in, "depthwise",
+                                mlp_layers=0, heads=2, channel_weights=True, invariant_head=True).eval()
+        rotations = group.sample(3, generator=torch.Generator().manual_seed(1))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    errors = kernel_steerability_error(kernel, emb, rotations, **inputs)
+    assert errors.max() < 1e-12, f"{group!r}: {errors}"
+    if R_out is not None:
+        broken = kernel_steerability_error(kernel, emb, R_out[None].double(), **inputs)
+        assert broken.min() > 1e-2, f"{group!r} should break outside the group: {broken}"
+
+
+def test_invariant_weighted_linear_checks_its_irreps():
+    from molkern.nn.mlp import InvariantWeightedLinear
+
+    with pytest.raises(ValueError, match="0e included"):
+        InvariantWeightedLinear("2x1o", "1x1o")
+    with pytest.raises(ValueError, match="does not contain"):
+        InvariantWeightedLinear("4x0e+2x1o", "1x2e")
+    layer = InvariantWeightedLinear("4x0e+2x1o+1x2e", "3x0e+2x1o+2x2e+1x0e")
+    x = torch.randn(7, 4 + 6 + 5)
+    assert layer(x).shape == (7, 3 + 6 + 10 + 1)
+
+
 def test_full_kernel_equals_reference_that_materialises_the_matrix(dtype):
     group, _ = make_group("so2")
     emb, kernel, inputs = setup(group, "full", irreps_in="2x0e+0o+1o+1e+2e", irreps_out="0e+1o+1e+2o", dtype=dtype)

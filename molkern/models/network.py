@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import groups as groups_lib
 from ..nn.eager import eager_e3nn
+from ..nn.linear import Linear
 from ..nn import (
     EdgeEmbedding,
     ImplicitKernel,
@@ -39,7 +40,11 @@ class MolkernNet(nn.Module):
         num_layers: number of interaction blocks.
         cutoff: Angstrom; num_radial: Bessel functions.
         kernel_mlp_width: multiplicity of each hidden irrep of the kernel MLP.
-        kernel_trunk_layers: gated layers of the kernel MLP shared by all blocks (run once per forward).
+        kernel_trunk: the kernel MLP's part shared by all blocks (run once per forward): "invariant" (default: an
+            MLP of kernel_trunk_width units on the invariants, the heads weight the harmonics and other
+            non-scalar inputs by functions of its output) or "gated" (e3nn gated layers on all irreps,
+            kernel_mlp_width copies each; the heads are e3nn Linear layers).
+        kernel_trunk_layers: layers of that trunk; kernel_trunk_width: units of the invariant trunk.
         kernel_head_layers: gated layers of each block's own kernel head (0: a Linear head).
         kernel_heads: kernel matrices per edge of the depthwise kernel (divides num_channels).
         kernel_channel_weights: the depthwise kernel also scales each channel by an invariant of the edge.
@@ -70,7 +75,9 @@ class MolkernNet(nn.Module):
         cutoff: float = 5.0,
         num_radial: int = 8,
         kernel_mlp_width: int = 8,
+        kernel_trunk: str = "invariant",
         kernel_trunk_layers: int = 2,
+        kernel_trunk_width: int = 64,
         kernel_head_layers: int = 0,
         kernel_heads: int = 2,
         kernel_channel_weights: bool = True,
@@ -103,10 +110,11 @@ class MolkernNet(nn.Module):
             irreps_node_attr=self.irreps_node_attr if implicit and kernel_node_attrs else "",
             batch_norm=kernel_batch_norm,
             kernel_input=implicit,
-            trunk_width=kernel_mlp_width,
+            trunk_width=kernel_trunk_width if kernel_trunk == "invariant" else kernel_mlp_width,
             trunk_layers=kernel_trunk_layers if implicit else 0,
+            trunk_type=kernel_trunk,
         )
-        self.embedding = o3.Linear(attrs, self.irreps_hidden)
+        self.embedding = Linear(attrs, self.irreps_hidden)
         self.blocks = nn.ModuleList()
         irreps = self.embedding.irreps_out
         for _ in range(num_layers):
@@ -114,6 +122,7 @@ class MolkernNet(nn.Module):
                 k = ImplicitKernel(
                     irreps, self.irreps_hidden, self.edge_embedding.irreps_kernel_in, kernel,
                     kernel_mlp_width, kernel_head_layers, heads=kernel_heads, channel_weights=kernel_channel_weights,
+                    invariant_head=kernel_trunk == "invariant",
                 )
             else:
                 k = StandardKernel(irreps, self.irreps_hidden, self.edge_embedding.irreps_sh, num_radial)

@@ -35,6 +35,7 @@ from ..nn import (
     scatter_mean,
 )
 from ..nn.eager import eager_e3nn
+from ..nn.linear import Linear
 from .network import KERNELS
 
 __all__ = ["PointCloudClassifier", "knn_graph", "subsample"]
@@ -172,7 +173,7 @@ class PointCloudClassifier(nn.Module):
             )
             for cutoff in self.cutoffs
         )
-        self.embedding = o3.Linear(IRREPS_NODE_ATTR, self.irreps_hidden)
+        self.embedding = Linear(IRREPS_NODE_ATTR, self.irreps_hidden)
         self.blocks = nn.ModuleList()
         self.block_levels = []
         irreps = self.embedding.irreps_out

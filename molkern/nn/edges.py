@@ -72,9 +72,13 @@ class EdgeEmbedding(nn.Module):
         irreps_node_attr: irreps of per-node attributes z_i fed to the kernel at both ends (e.g. "5x0e").
         batch_norm: batch-normalise the harmonic polynomials.
         kernel_input: build `kernel_in` (set False when only standard kernels are used).
-        trunk_width, trunk_layers: an optional gated MLP trunk (trunk_width copies of every irrep type up to
-            l = lmax that the front contains) run once per forward on the front features and shared by the kernels
-            of all layers, each of which keeps only a small head of its own. 0 layers: no trunk.
+        trunk_width, trunk_layers: an optional MLP trunk run once per forward on the front features and shared
+            by the kernels of all layers, each of which keeps only a small head of its own. 0 layers: no trunk.
+        trunk_type: "gated": an e3nn gated MLP (trunk_width copies of every irrep type up to l = lmax that the
+            front contains); "invariant": an MLP of trunk_width units on the front's invariants (0e) only, the
+            front's other irreps passed on unchanged, for heads that weight them by functions of the invariants
+            (`InvariantWeightedLinear`: together an equivariant MLP of the gated MLPs' function class, on far
+            narrower per-edge tensors).
 
     Shapes:
         edge_vec: (E, 3), edge_attrs: (E, irreps_edge_attr.dim), node_attrs: (N, irreps_node_attr.dim),
@@ -94,6 +98,7 @@ class EdgeEmbedding(nn.Module):
         kernel_input: bool = True,
         trunk_width: int = 8,
         trunk_layers: int = 0,
+        trunk_type: str = "gated",
     ):
         super().__init__()
         self.cutoff = float(cutoff)
@@ -143,12 +148,27 @@ class EdgeEmbedding(nn.Module):
         columns = [c for i in inv for c in range(slices[i].start, slices[i].stop)]
         self.register_buffer("_sort_columns", torch.tensor(columns, dtype=torch.long), persistent=False)
         self.irreps_front = irreps_sorted.simplify()
-        self.trunk = None
-        if trunk_layers > 0:
+        if trunk_type not in ("gated", "invariant"):
+            raise ValueError(f"trunk_type must be 'gated' or 'invariant', got {trunk_type!r}")
+        self.trunk, self.trunk_type = None, trunk_type
+        self.irreps_kernel_in = self.irreps_front
+        if trunk_layers > 0 and trunk_type == "gated":
             # only irrep types present in the front can be non-zero (Linear and Gate keep types)
             hidden = filter_irreps(irreps_up_to(trunk_width, self.lmax, "both"), reachable_irreps(self.irreps_front))
             self.trunk = EquivariantMLP(self.irreps_front, hidden, None, trunk_layers)
-        self.irreps_kernel_in = self.trunk.irreps_out if self.trunk is not None else self.irreps_front
+            self.irreps_kernel_in = self.trunk.irreps_out
+        elif trunk_layers > 0:
+            # the front is sorted and simplified: its invariants are one block (radial basis and attributes first)
+            blocks = [ir for _, ir in self.irreps_front]
+            self._front_sizes = [mul_ir.dim for mul_ir in self.irreps_front]
+            self._front_scalar = blocks.index(o3.Irrep("0e"))
+            sizes = [self.irreps_front[self._front_scalar].dim] + [trunk_width] * trunk_layers
+            layers = []
+            for size_in, size_out in zip(sizes[:-1], sizes[1:]):
+                layers += [nn.Linear(size_in, size_out), nn.SiLU()]
+            self.trunk = nn.Sequential(*layers)
+            self.irreps_kernel_in = o3.Irreps(f"{trunk_width}x0e") + o3.Irreps(
+                [mul_ir for mul_ir in self.irreps_front if mul_ir.ir != o3.Irrep("0e")])
 
     def forward(
         self,
@@ -198,6 +218,10 @@ class EdgeEmbedding(nn.Module):
         if self.products is not None:
             parts.append(self.products(vectors, torch.cat([harmonics, vectors[:, self._num_ref :]], dim=-1)))
         kernel_in = torch.index_select(torch.cat(parts, dim=-1), 1, self._sort_columns)  # (E, irreps_front.dim)
-        if self.trunk is not None:
+        if self.trunk is not None and self.trunk_type == "gated":
             kernel_in = self.trunk(kernel_in)  # (E, irreps_kernel_in.dim)
+        elif self.trunk is not None:  # invariants through the MLP, the rest passed on: (E, irreps_kernel_in.dim)
+            parts = list(torch.split(kernel_in, self._front_sizes, dim=1))
+            parts[self._front_scalar] = self.trunk(parts[self._front_scalar])
+            kernel_in = torch.cat([parts.pop(self._front_scalar)] + parts, dim=1)
         return Edges(edge_vec, length, envelope, radial, None, kernel_in)

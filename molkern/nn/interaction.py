@@ -9,6 +9,7 @@ from .edges import Edges
 from .mlp import make_gate
 from .self_connection import ScalarAttributeTensorProduct
 from .eager import eager_e3nn
+from .linear import Linear
 
 
 class InteractionBlock(nn.Module):
@@ -43,11 +44,11 @@ class InteractionBlock(nn.Module):
             raise ValueError(f"conv.irreps_in {conv.irreps_in} must equal the block's irreps_in {self.irreps_in}")
         self.gate = make_gate(irreps_out)
         self.irreps_out = self.gate.irreps_out
-        self.linear_1 = o3.Linear(self.irreps_in, self.irreps_in)
+        self.linear_1 = Linear(self.irreps_in, self.irreps_in)
         self.conv = conv
         # conv.irreps_out is sorted (one block per path): merging equal neighbours keeps the memory layout, the
         # weights (same flat order) and the initialisation, and makes e3nn emit one matmul per irrep, not per path
-        self.linear_2 = o3.Linear(conv.irreps_out.simplify(), self.gate.irreps_in)
+        self.linear_2 = Linear(conv.irreps_out.simplify(), self.gate.irreps_in)
         scalar_attrs = all(ir.l == 0 for _, ir in o3.Irreps(irreps_node_attr))
         self_connection = ScalarAttributeTensorProduct if scalar_attrs else o3.FullyConnectedTensorProduct
         self.self_connection = self_connection(self.irreps_in, irreps_node_attr, self.gate.irreps_in)

@@ -14,7 +14,7 @@ from torch import nn
 from .channelwise import ChannelwiseProduct
 from .depthwise import DepthwiseProduct
 from .edges import Edges
-from .mlp import EquivariantMLP, filter_irreps, irreps_up_to, reachable_irreps
+from .mlp import EquivariantMLP, InvariantWeightedLinear, filter_irreps, irreps_up_to, reachable_irreps
 from .eager import eager_e3nn
 
 
@@ -80,10 +80,14 @@ class ImplicitKernel(nn.Module):
             channel-wise product restricted to these irreps; its multiplicities follow irreps_in).
         irreps_kernel_in: `EdgeEmbedding.irreps_kernel_in`.
         form: "depthwise", "factorised" or "full".
-        heads: kernel matrices per edge of the depthwise form (divides the multiplicity of irreps_in).
         mlp_width: multiplicity of each hidden irrep of the kernel MLP.
         mlp_layers: number of gated hidden layers.
         batch_norm: e3nn BatchNorm after each hidden gate.
+        heads: kernel matrices per edge of the depthwise form (divides the multiplicity of irreps_in).
+        channel_weights: the depthwise form also scales each channel by an invariant of the edge (the MLP emits
+            U more scalars).
+        invariant_head: with mlp_layers = 0, the head is an `InvariantWeightedLinear` (weights from the
+            invariants of the kernel input, e.g. an "invariant" EdgeEmbedding trunk) instead of an e3nn Linear.
 
     Shapes:
         node_feats_src: (E, irreps_in.dim), edges.kernel_in: (E, irreps_kernel_in.dim) -> (E, irreps_out.dim)
@@ -101,8 +105,15 @@ class ImplicitKernel(nn.Module):
         batch_norm: bool = False,
         heads: int = 1,
         channel_weights: bool = False,
+        invariant_head: bool = False,
     ):
         super().__init__()
+
+        def make_mlp(*args):
+            if invariant_head and mlp_layers == 0:
+                return InvariantWeightedLinear(args[0], args[2])
+            return EquivariantMLP(*args)
+
         if form not in IMPLICIT_FORMS:
             raise ValueError(f"form must be one of {IMPLICIT_FORMS}, got {form!r}")
         self.form = form
@@ -125,10 +136,10 @@ class ImplicitKernel(nn.Module):
             self.irreps_angular = self.tp.irreps_coefficients
             self.num_channel_weights = self.irreps_in[0].mul if channel_weights else 0
             irreps_mlp_out = self.irreps_angular + o3.Irreps(f"{self.num_channel_weights}x0e")
-            self.mlp = EquivariantMLP(irreps_kernel_in, hidden, irreps_mlp_out, mlp_layers, batch_norm)
+            self.mlp = make_mlp(irreps_kernel_in, hidden, irreps_mlp_out, mlp_layers, batch_norm)
         elif form == "full":
             irreps_h = o3.Irreps([(mlp_width, ir) for ir in blocks])
-            self.mlp = EquivariantMLP(irreps_kernel_in, hidden, irreps_h, mlp_layers, batch_norm)
+            self.mlp = make_mlp(irreps_kernel_in, hidden, irreps_h, mlp_layers, batch_norm)
             self.tp = o3.FullyConnectedTensorProduct(self.irreps_in, irreps_h, irreps_out)
             self.irreps_out = self.tp.irreps_out
             self.irreps_angular = irreps_h
@@ -137,7 +148,7 @@ class ImplicitKernel(nn.Module):
             self.tp = ChannelwiseProduct(self.irreps_in, self.irreps_angular, irreps_out)
             self.irreps_out = self.tp.irreps_out
             irreps_mlp_out = self.irreps_angular + o3.Irreps(f"{self.tp.weight_numel}x0e")
-            self.mlp = EquivariantMLP(irreps_kernel_in, hidden, irreps_mlp_out, mlp_layers, batch_norm)
+            self.mlp = make_mlp(irreps_kernel_in, hidden, irreps_mlp_out, mlp_layers, batch_norm)
 
     def forward(self, node_feats_src: torch.Tensor, edges: Edges) -> torch.Tensor:
         """Messages k(x_ij, z) f_j: (E, irreps_in.dim) -> (E, irreps_out.dim)."""

@@ -8,6 +8,7 @@ from e3nn import o3
 from torch import nn
 from .channelwise import PermuteColumns
 from .eager import eager_e3nn
+from .linear import Linear
 
 
 def irreps_up_to(mul: int, lmax: int, parity: str = "both") -> o3.Irreps:
@@ -120,15 +121,76 @@ class EquivariantMLP(nn.Module):
         irreps = self.irreps_in
         for _ in range(num_layers):
             gate = make_gate(irreps_hidden)
-            layers += [o3.Linear(irreps, gate.irreps_in, biases=True), gate]
+            layers += [Linear(irreps, gate.irreps_in, biases=True), gate]
             if batch_norm:
                 layers.append(enn.BatchNorm(gate.irreps_out))
             irreps = gate.irreps_out
         if irreps_out is not None:
-            layers.append(o3.Linear(irreps, irreps_out, biases=True))
+            layers.append(Linear(irreps, irreps_out, biases=True))
             irreps = o3.Irreps(irreps_out)
         self.irreps_out = irreps
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+
+class InvariantWeightedLinear(nn.Module):
+    """Equivariant layer whose weights are functions of the invariants: out_l = sum_k w_k(s) V_{l,k}.
+
+    The input's 0e block s (invariants) gives, by one affine map, every weight at once: the 0e outputs
+    themselves and, for each output irrep of type l, the coefficients of the input vectors V_{l,k} of that
+    type. Gated e3nn MLPs compute functions of exactly this class (linear layers and gates never form
+    products of non-scalars), so a scalar MLP followed by this layer is an equivariant MLP; it costs one
+    matmul plus one small product per irrep type, on whatever many rows.
+
+    Args:
+        irreps_in: each irrep type at most once; must contain 0e (the invariants).
+        irreps_out: 0e blocks and blocks of types present in irreps_in.
+
+    Shapes:
+        x: (B, irreps_in.dim) -> (B, irreps_out.dim)
+    """
+
+    def __init__(self, irreps_in: o3.Irreps, irreps_out: o3.Irreps):
+        super().__init__()
+        self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
+        types = [ir for _, ir in self.irreps_in]
+        if len(set(types)) != len(types) or o3.Irrep("0e") not in types:
+            raise ValueError(f"irreps_in must hold each irrep type at most once, 0e included; got {self.irreps_in}")
+        scalar = types.index(o3.Irrep("0e"))
+        self._in_sizes = [mul_ir.dim for mul_ir in self.irreps_in]
+        self._scalar_index, num_scalars = scalar, self.irreps_in[scalar].mul
+        vectors = {ir: (i, mul) for i, (mul, ir) in enumerate(self.irreps_in) if ir != o3.Irrep("0e")}
+        self._blocks = []  # per output block: (input block or None for 0e, mul_out, K, d)
+        for mul, ir in self.irreps_out:
+            if ir == o3.Irrep("0e"):
+                self._blocks.append((None, mul, 1, 1))
+            elif ir in vectors:
+                i, k = vectors[ir]
+                self._blocks.append((i, mul, k, ir.dim))
+            else:
+                raise ValueError(f"irreps_out {self.irreps_out} has {ir}, which {self.irreps_in} does not contain")
+        self._widths = [mul * k for _, mul, k, _ in self._blocks]
+        # e3nn's parametrisation: unit-normal weights, 1 / sqrt(fan-in) in the forward pass (fan-in S K)
+        self.weight = nn.Parameter(torch.randn(num_scalars, sum(self._widths)))
+        self.bias = nn.Parameter(torch.zeros(sum(self._widths)))
+        scale = [(num_scalars * k) ** -0.5 for _, mul, k, _ in self._blocks for _ in range(mul * k)]
+        self.register_buffer("_scale", torch.tensor(scale), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(x, self._in_sizes, dim=-1)
+        rows = x.shape[0]
+        weights = torch.addmm(self.bias, parts[self._scalar_index], self.weight * self._scale)  # (B, sum widths)
+        out = []
+        for w, (i, mul, k, d) in zip(torch.split(weights, self._widths, dim=-1), self._blocks):
+            if i is None:
+                out.append(w)
+            elif k == 1:  # (B, mul, 1) x (B, 1, d)
+                out.append((w.unsqueeze(-1) * parts[i].unsqueeze(1)).reshape(rows, mul * d))
+            else:  # (B, mul, K) @ (B, K, d)
+                out.append(torch.bmm(w.view(rows, mul, k), parts[i].view(rows, k, d)).view(rows, mul * d))
+        return torch.cat(out, dim=-1) if len(out) > 1 else out[0]
+
+    def extra_repr(self) -> str:
+        return f"{self.irreps_in} -> {self.irreps_out}"

@@ -17,6 +17,7 @@ from torch import nn
 from ... import groups as groups_lib
 from ..conv import SteerableConv
 from ..eager import eager_e3nn
+from ..linear import Linear
 from ..edges import EdgeEmbedding
 from ..kernels import ImplicitKernel, kernel_matrix
 
@@ -159,7 +160,7 @@ class DenseSteerableConv3d(nn.Module):
             self.irreps_in, self.irreps_out, self.edge_embedding.irreps_kernel_in, form, mlp_width, mlp_layers
         )
         # the factorised kernel's outputs follow irreps_in: an e3nn Linear (folded into the weight) maps them
-        self.mix = o3.Linear(self.kernel.irreps_out, self.irreps_out) if self.kernel.irreps_out != self.irreps_out else None
+        self.mix = Linear(self.kernel.irreps_out, self.irreps_out) if self.kernel.irreps_out != self.irreps_out else None
 
         scalar = [i for (mul, ir), sl in zip(self.irreps_out, self.irreps_out.slices()) if ir == o3.Irrep("0e")
                   for i in range(sl.start, sl.stop)]
