@@ -22,10 +22,21 @@ Graphs (``module.graph_spec["graph"]``):
 
 The calculator runs the module in eval mode in its own dtype (``dtype=`` casts it once) and never changes
 torch's global state (default dtype, number of threads, grad mode).
+
+``compile=True`` (opt-in; eager is the default) evaluates energy and forces with one compiled graph: the
+whole energy+forces call (forward and the autograd backward for -dE/dpos) is traced once into ATen operations
+(``make_fx``, symbolic shapes: any edge count) and compiled by ``torch.compile(dynamic=True)`` (Inductor). The
+first call per atom count pays the tracing and compilation (1.5 to 2 minutes of CPU for the benchmark's lmax 2
+model); afterwards energy+forces of an 18-atom QM9 molecule takes 0.55-0.6x eager's CPU time and a whole
+ASE step (neighbour list and graph build included) 0.68x (1 thread; checked equal to eager to float32 rounding
+over 2,000 MD-like calls with 33 different edge counts, one compiled graph). The module's
+weights are frozen into the graph at that first call: after changing them, call :meth:`reset_compiled`.
+Stress requests use the eager path.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Optional, Sequence, Union
 
@@ -52,13 +63,14 @@ class MolkernCalculator(Calculator):
         device: torch device. dtype: "float32" / "float64" / torch dtype, or None to keep the module's.
         smiles: bond-order template for ``"bonds"`` models (None: bond orders from the geometry).
         charge: total charge for bond perception (default: ``atoms.info.get("charge", 0)``).
+        compile: energy and forces from a compiled graph (see the module docstring); eager if False (default).
         **kwargs: passed to ase's Calculator (e.g. ``label``).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(self, module, device: Union[str, torch.device] = "cpu", dtype=None, smiles: Optional[str] = None,
-                 charge: Optional[int] = None, **kwargs):
+                 charge: Optional[int] = None, compile: bool = False, **kwargs):
         super().__init__(**kwargs)
         for attr in ("graph_spec", "energy"):
             if not hasattr(module, attr):
@@ -87,6 +99,8 @@ class MolkernCalculator(Calculator):
         self.elements = tuple(int(e) for e in spec["elements"])
         self.smiles, self.charge = smiles, charge
         self._bonds = None  # (numbers, bond_index, bond_type) of a bond-conditioned module
+        self.compile = bool(compile)
+        self._compiled = {}  # (atom count, batch fields) -> compiled energy+forces graph
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu", dtype=None,
@@ -95,6 +109,38 @@ class MolkernCalculator(Calculator):
         from .train.checkpoint import load_module
 
         return cls(load_module(path, map_location=device), device=device, dtype=dtype, **kwargs)
+
+    def reset_compiled(self) -> None:
+        """Forget the compiled graphs (``compile=True``); the next calculation traces and compiles again."""
+        self._compiled = {}
+
+    def _compiled_energy_forces(self, batch):
+        """(energy (1,), forces (N, 3)) from the compiled graph for this atom count, built on first use."""
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        from .train.energy import energy_forces_stress
+
+        keys = sorted(k for k in batch.keys() if torch.is_tensor(batch[k]))
+        tensors = [batch[k] for k in keys]
+        key = (batch.num_nodes, tuple((k, t.dtype, t.dim()) for k, t in zip(keys, tensors)))
+        fn = self._compiled.get(key)
+        if fn is None:
+            with torch.inference_mode(False), torch.enable_grad():  # fills the modules' lazy caches first
+                energy_forces_stress(self.module, batch, forces=True)
+
+            def energy_forces(*values):
+                traced = copy.copy(batch)
+                for k, v in zip(keys, values):
+                    traced[k] = v
+                with torch.enable_grad():
+                    out = energy_forces_stress(self.module, traced, forces=True)
+                return out["energy"], out["forces"]
+
+            with torch.inference_mode(False), torch.no_grad():
+                graph = make_fx(energy_forces, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*tensors)
+            fn = self._compiled[key] = torch.compile(graph, dynamic=True)
+        with torch.inference_mode(False), torch.no_grad():  # the graph holds the backward ops itself
+            return fn(*tensors)
 
     def reset_bonds(self) -> None:
         """Forget the perceived bond graph; the next calculation perceives it from the current structure."""
@@ -154,8 +200,12 @@ class MolkernCalculator(Calculator):
         if want_stress and not np.asarray(atoms.pbc).all():
             raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
         batch = self.batch(atoms)
-        with torch.inference_mode(False), torch.enable_grad():
-            out = energy_forces_stress(self.module, batch, forces=True, stress=want_stress)
+        if self.compile and not want_stress:
+            energy, forces = self._compiled_energy_forces(batch)
+            out = {"energy": energy, "forces": forces}
+        else:
+            with torch.inference_mode(False), torch.enable_grad():
+                out = energy_forces_stress(self.module, batch, forces=True, stress=want_stress)
         energy = float(out["energy"][0])
         self.results = {
             "energy": energy,

@@ -1,0 +1,47 @@
+"""MolkernCalculator(compile=True) gives eager's energies and forces over an MD-like sequence of structures."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+
+from molkern.calculator import MolkernCalculator
+from molkern.train.energy import EnergyModule
+
+ELEMENTS = ["H", "C", "O"]
+MODEL = dict(cutoff=4.0, num_channels=8, lmax=1, num_layers=1, num_radial=6, kernel_mlp_width=4,
+             avg_num_neighbors=10.0)
+
+
+@pytest.mark.slow  # one Inductor compilation (~20 s of CPU for this one-block model), then 300 calls
+def test_compiled_equals_eager_over_md_like_steps():
+    torch.manual_seed(0)
+    module = EnergyModule(ELEMENTS, model=MODEL)
+    module.species_energy.copy_(torch.tensor([-1.0, -2.0, -3.0], dtype=torch.float64))
+    eager = MolkernCalculator(copy.deepcopy(module), dtype="float32")
+    compiled = MolkernCalculator(copy.deepcopy(module), dtype="float32", compile=True)
+    atoms = molecule("CH3CH2OH")
+    rng = np.random.default_rng(0)
+    edges, d_energy, d_forces, force_scale = set(), 0.0, 0.0, 0.0
+    for _ in range(300):  # a random walk of the positions: the edge count changes as in MD
+        atoms.positions += rng.normal(scale=0.03, size=atoms.positions.shape)
+        a, b = atoms.copy(), atoms.copy()
+        a.calc, b.calc = eager, compiled
+        f_eager, f_compiled = a.get_forces(), b.get_forces()
+        d_energy = max(d_energy, abs(a.get_potential_energy() - b.get_potential_energy()))
+        d_forces = max(d_forces, float(np.abs(f_eager - f_compiled).max()))
+        force_scale = max(force_scale, float(np.abs(f_eager).max()))
+        edges.add(int(eager.batch(atoms).edge_index.shape[1]))
+    assert len(edges) > 3, edges  # the compiled graph ran on several edge counts without recompiling per count
+    assert len(compiled._compiled) == 1
+    assert d_energy < 1e-4, d_energy
+    assert d_forces < 1e-5 + 1e-4 * force_scale, (d_forces, force_scale)
+    assert "stress" not in compiled.results
+
+
+def test_compile_is_opt_in():
+    torch.manual_seed(0)
+    calc = MolkernCalculator(EnergyModule(ELEMENTS, model=MODEL))
+    assert calc.compile is False
