@@ -27,7 +27,7 @@ from molkern.nn import EdgeEmbedding, Edges, ImplicitKernel, StandardKernel, Ste
 
 CUTOFF = 5.0
 PER = 10_000  # results are normalised per this many edges
-HEADS = 2  # MolkernNet's default kernel_heads
+HEADS = 1  # MolkernNet's default kernel_heads
 FULL_LIMIT_S, FULL_LIMIT_MB = 10.0, 4000.0  # above these (projected per call), time the full kernel on fewer edges
 MEMORY_METHOD = (
     "torch.profiler(profile_memory=True) over one fwd+bwd call: the '[memory]' allocation/free records "

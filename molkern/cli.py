@@ -29,11 +29,34 @@ TRAINER_DEFAULTS = {
 }
 
 
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose ``last`` checkpoint is the last validated epoch's, improved or not.
+
+    Lightning 2.6 refreshes ``last.ckpt`` only in steps where a top-k checkpoint was saved, so after an epoch
+    without improvement ``last.ckpt`` would be an older epoch and resuming from it would repeat epochs.
+    """
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer) -> None:
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
+                and self._last_global_step_saved != trainer.global_step):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class MolkernCLI(LightningCLI):
-    """LightningCLI with a best/last ModelCheckpoint configurable under ``checkpoint:``."""
+    """LightningCLI with a best/last checkpoint callback configurable under ``checkpoint:``."""
 
     def add_arguments_to_parser(self, parser):
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val_loss",
             "checkpoint.mode": "min",

@@ -79,7 +79,7 @@ class MolkernNet(nn.Module):
         kernel_trunk_layers: int = 2,
         kernel_trunk_width: int = 64,
         kernel_head_layers: int = 0,
-        kernel_heads: int = 2,
+        kernel_heads: int = 1,
         kernel_channel_weights: bool = True,
         kernel_batch_norm: bool = True,
         kernel_node_attrs: bool = True,

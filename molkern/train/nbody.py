@@ -119,6 +119,7 @@ def build_nbody_model(
         pooling=None,
         group=group,
         kernel=kernel,
+        kernel_trunk="gated",  # the trunk the README's N-body study was run with
         num_channels=num_channels,
         lmax=lmax,
         num_layers=num_layers,
