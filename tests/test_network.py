@@ -160,3 +160,13 @@ def test_build_model_from_config():
         build_model({"num_chanels": 4})
     with pytest.raises(ValueError, match="needs a 'name'"):
         build_model({"group": {"n": 4}})
+
+
+def test_building_a_model_leaves_e3nn_defaults_unchanged():
+    """Models are built without TorchScript, and e3nn's global settings are the caller's afterwards (setting
+    jit_script_fx alone would also flip jit_mode to "script", scripting later e3nn modules of the caller)."""
+    import e3nn
+
+    before = dict(e3nn.get_optimization_defaults())
+    MolkernNet("5x0e", num_channels=4, lmax=1, num_layers=1)
+    assert dict(e3nn.get_optimization_defaults()) == before

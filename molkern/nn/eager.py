@@ -14,11 +14,13 @@ def eager_e3nn(init):
 
     @functools.wraps(init)
     def wrapped(*args, **kwargs):
-        old = e3nn.get_optimization_defaults()["jit_script_fx"]
+        old = dict(e3nn.get_optimization_defaults())
         e3nn.set_optimization_defaults(jit_script_fx=False)
         try:
             return init(*args, **kwargs)
         finally:
-            e3nn.set_optimization_defaults(jit_script_fx=old)
+            # restore both: setting jit_script_fx=True alone also switches e3nn's jit_mode to "script"
+            e3nn.set_optimization_defaults(jit_script_fx=old["jit_script_fx"])
+            e3nn.set_optimization_defaults(jit_mode=old["jit_mode"])
 
     return wrapped
