@@ -4,6 +4,8 @@ Useful FLOPs per edge, for each path (l1 x l2 -> l3) of the convolution's produc
 2 FLOPs and only the non-zero Clebsch-Gordan coefficients (nnz of e3nn's wigner_3j):
     channel-wise ("uvu", per-edge path weights; ChannelwiseProduct or e3nn "uvu"): mul1 * mul2 * (2 nnz + d3)
     fully connected ("uvw", shared weights): 2 nnz mul1 mul2 + 2 mul1 mul2 mul_out d3 (CG first, then weights)
+    depthwise (DepthwiseProduct): heads * 2 nnz to build the kernel matrices, plus 2 mul d1 d3 per connected
+    (input, output) irrep pair to apply them to the mul channels
 plus one add per output component for the scatter-sum (E * irreps_out.dim). The kernel's MLP / radial network,
 the gather and the node-side linears are not counted: this is the product a dense d_out x d_in kernel would do.
 """
@@ -23,6 +25,11 @@ def cg_nnz(l1: int, l2: int, l3: int) -> int:
 
 def product_flops_per_edge(tp) -> float:
     """Useful FLOPs per edge of a ChannelwiseProduct or an e3nn TensorProduct (see the module docstring)."""
+    if hasattr(tp, "kernel_matrices"):  # DepthwiseProduct: (i_in, i_out, irrep of the coefficients) per path
+        build = sum(2 * cg_nnz(tp.irreps_in[i].ir.l, ir.l, tp.irreps_out[o].ir.l) for i, o, ir in tp.paths)
+        blocks = {(i, o) for i, o, _ in tp.paths}
+        apply = sum(2 * tp.irreps_in[i].mul * tp.irreps_in[i].ir.dim * tp.irreps_out[o].ir.dim for i, o in blocks)
+        return tp.heads * build + apply
     total = 0.0
     for ins in tp.instructions:
         if hasattr(ins, "connection_mode"):  # e3nn Instruction

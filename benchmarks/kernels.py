@@ -153,9 +153,12 @@ def main():
     pos, edge_index = qm9_like_batch(PER, dtype)
     emb_std = EdgeEmbedding(CUTOFF, lmax, num_radial=8, kernel_input=False)
     emb_band = EdgeEmbedding(CUTOFF, band, num_radial=8, kernel_input=False)
-    # as in MolkernNet: the kernel MLP's trunk (2 gated layers) runs once per forward in the shared front,
-    # each layer's implicit kernel keeps a Linear head of its own
+    # the kernel MLP's trunk runs once per forward in the shared front, each layer's implicit kernel keeps a head
+    # of its own (factorised and full: on the gated trunk with e3nn Linear heads, as before the invariant trunk)
     emb_imp = EdgeEmbedding(CUTOFF, band, num_radial=8, kernel_input=True, trunk_width=8, trunk_layers=2)
+    # MolkernNet's default front: the invariant trunk (64 units, 2 layers), heads weighting the harmonics
+    emb_inv = EdgeEmbedding(CUTOFF, band, num_radial=8, kernel_input=True, trunk_width=64, trunk_layers=2,
+                            trunk_type="invariant")
     kernels = {
         "standard (e3nn TensorProduct, as NequIP)": (
             lambda: StandardKernel(irreps, irreps, emb_std.irreps_sh, 8, mlp_width=64, fused=False), emb_std),
@@ -164,8 +167,8 @@ def main():
         "standard at the implicit band (fused product)": (
             lambda: StandardKernel(irreps, irreps, emb_band.irreps_sh, 8, mlp_width=64), emb_band),
         "implicit depthwise (default)": (lambda: ImplicitKernel(
-            irreps, irreps, emb_imp.irreps_kernel_in, "depthwise", mlp_width=8, mlp_layers=0,
-            heads=HEADS, channel_weights=True), emb_imp),
+            irreps, irreps, emb_inv.irreps_kernel_in, "depthwise", mlp_width=8, mlp_layers=0,
+            heads=HEADS, channel_weights=True, invariant_head=True), emb_inv),
         "implicit factorised": (lambda: ImplicitKernel(
             irreps, irreps, emb_imp.irreps_kernel_in, "factorised", mlp_width=8, mlp_layers=0), emb_imp),
         "implicit full": (lambda: ImplicitKernel(
@@ -186,7 +189,10 @@ def main():
                 note = f"timed on E={ei.shape[1]} (projected {seconds:.0f} s, {megabytes:.0f} MB per call at full E), scaled"
         cases.append((name, conv_case(make_kernel, emb, p, ei, irreps), note))
     for name, emb in [("edge embedding (shared, once per forward): standard front", emb_std),
-                      (f"edge embedding (shared, once per forward): implicit front + trunk (lmax={band})", emb_imp)]:
+                      (f"edge embedding (shared, once per forward): implicit front + invariant trunk (lmax={band}, "
+                       "default)", emb_inv),
+                      (f"edge embedding (shared, once per forward): implicit front + gated trunk (lmax={band})",
+                       emb_imp)]:
         cases.append((name, embedding_case(emb, pos, edge_index), ""))
     rows = measure(cases, args.repeats)
     ref, ref_fused = rows[0]["fwd_bwd_ms_per_10k"], rows[1]["fwd_bwd_ms_per_10k"]

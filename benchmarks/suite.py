@@ -27,7 +27,7 @@ from .qm9_throughput import MALLOC_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_ORDER = ("machine", "qm9", "latency", "scaling", "conv")
-QUICK_MODELS = ("molkern-factorised-l1", "molkern-standard-l1", "schnet", "painn", "painn-reimpl", "nequip-l1")
+QUICK_MODELS = ("molkern-depthwise-l1", "molkern-standard-l1", "schnet", "painn", "painn-reimpl", "nequip-l1")
 QUICK = {"batch_size": 8, "num_batches": 2, "warmup": 1, "repeats": 2, "latency_molecules": 2,
          "latency_repeats": 3, "box_sizes": [2, 3], "scaling_warmup": 1, "scaling_first_warmup": 1,
          "scaling_repeats": 1, "scaling_largest": False,
