@@ -26,13 +26,11 @@ torch's global state (default dtype, number of threads, grad mode).
 ``compile=True`` (opt-in; eager is the default) evaluates energy and forces with one compiled graph: the
 whole energy+forces call (forward and the autograd backward for -dE/dpos) is traced once into ATen operations
 (``make_fx``, symbolic shapes: any edge count) and compiled by ``torch.compile(dynamic=True)`` (Inductor). The
-first call per atom count pays the tracing and compilation (1.5 to 2 minutes of CPU for the benchmark's lmax 2
-model); afterwards energy+forces of an 18-atom QM9 molecule takes 0.66-0.70x eager's CPU time at commit
-7ce8da6 (0.55-0.6x with the model before it; a whole ASE step, neighbour list and graph build included, 0.68x
-then), 1 thread; equal to eager to float32 rounding over 2,000 MD-like calls with 33 different edge counts
-and one compiled graph. The module's
-weights are frozen into the graph at that first call: after changing them, call :meth:`reset_compiled`.
-Stress requests use the eager path.
+first call per atom count pays the tracing and compilation (1.5 to 2 minutes of CPU for an lmax 2 model);
+afterwards energy+forces of an 18-atom QM9 molecule took 0.66-0.70x eager's CPU time (1 thread), equal to
+eager to float32 rounding over 2,000 MD-like calls with 33 different edge counts and one compiled graph.
+The module's weights are frozen into the graph at that first call: after changing them, call
+:meth:`reset_compiled`. Stress requests use the eager path.
 """
 
 from __future__ import annotations
