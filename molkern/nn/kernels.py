@@ -108,12 +108,6 @@ class ImplicitKernel(nn.Module):
         invariant_head: bool = False,
     ):
         super().__init__()
-
-        def make_mlp(*args):
-            if invariant_head and mlp_layers == 0:
-                return InvariantWeightedLinear(args[0], args[2])
-            return EquivariantMLP(*args)
-
         if form not in IMPLICIT_FORMS:
             raise ValueError(f"form must be one of {IMPLICIT_FORMS}, got {form!r}")
         self.form = form
@@ -130,16 +124,22 @@ class ImplicitKernel(nn.Module):
                 f"build the EdgeEmbedding with lmax >= {self.lmax_band}"
             )
         hidden = filter_irreps(irreps_up_to(mlp_width, self.lmax_band, "both"), reachable)
+
+        def make_mlp(irreps_mlp_out):
+            if invariant_head and mlp_layers == 0:
+                return InvariantWeightedLinear(irreps_kernel_in, irreps_mlp_out)
+            return EquivariantMLP(irreps_kernel_in, hidden, irreps_mlp_out, mlp_layers, batch_norm)
+
         if form == "depthwise":
             self.tp = DepthwiseProduct(self.irreps_in, irreps_out, heads, allowed=blocks)
             self.irreps_out = self.tp.irreps_out
             self.irreps_angular = self.tp.irreps_coefficients
             self.num_channel_weights = self.irreps_in[0].mul if channel_weights else 0
             irreps_mlp_out = self.irreps_angular + o3.Irreps(f"{self.num_channel_weights}x0e")
-            self.mlp = make_mlp(irreps_kernel_in, hidden, irreps_mlp_out, mlp_layers, batch_norm)
+            self.mlp = make_mlp(irreps_mlp_out)
         elif form == "full":
             irreps_h = o3.Irreps([(mlp_width, ir) for ir in blocks])
-            self.mlp = make_mlp(irreps_kernel_in, hidden, irreps_h, mlp_layers, batch_norm)
+            self.mlp = make_mlp(irreps_h)
             self.tp = o3.FullyConnectedTensorProduct(self.irreps_in, irreps_h, irreps_out)
             self.irreps_out = self.tp.irreps_out
             self.irreps_angular = irreps_h
@@ -148,7 +148,7 @@ class ImplicitKernel(nn.Module):
             self.tp = ChannelwiseProduct(self.irreps_in, self.irreps_angular, irreps_out)
             self.irreps_out = self.tp.irreps_out
             irreps_mlp_out = self.irreps_angular + o3.Irreps(f"{self.tp.weight_numel}x0e")
-            self.mlp = make_mlp(irreps_kernel_in, hidden, irreps_mlp_out, mlp_layers, batch_norm)
+            self.mlp = make_mlp(irreps_mlp_out)
 
     def forward(self, node_feats_src: torch.Tensor, edges: Edges) -> torch.Tensor:
         """Messages k(x_ij, z) f_j: (E, irreps_in.dim) -> (E, irreps_out.dim)."""
