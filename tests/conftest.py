@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from e3nn import o3
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import molkern.groups as groups
 
@@ -24,6 +25,23 @@ GROUP_CASES = {
     "cs": ({}, lambda: -torch.eye(3, dtype=torch.float64)),
     "c1": ({}, lambda: o3.matrix_y(torch.tensor(0.7, dtype=torch.float64))),
 }
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched while active (autograd's backward ops included)."""
+
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn) -> int:
+    """ATen ops one fn() call dispatches."""
+    with _OpCounter() as counter:
+        fn()
+    return counter.count
 
 
 def make_group(name):

@@ -3,25 +3,10 @@
 import pytest
 import torch
 from e3nn import o3
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from molkern.nn.harmonics import SphericalHarmonics, spherical_harmonics
 
-
-class _OpCounter(TorchDispatchMode):
-    """Counts the ATen ops dispatched while active (autograd's backward ops included)."""
-
-    count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_ops(fn) -> int:
-    with _OpCounter() as counter:
-        fn()
-    return counter.count
+from conftest import count_ops
 
 
 def _vectors(dtype, n=64, seed=0):

@@ -3,23 +3,10 @@
 import pytest
 import torch
 from e3nn import o3
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from molkern.nn.linear import Linear, dense_rows_limit
 
-
-class _OpCounter(TorchDispatchMode):
-    count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_ops(fn) -> int:
-    with _OpCounter() as counter:
-        fn()
-    return counter.count
+from conftest import count_ops
 
 
 CASES = [
