@@ -9,6 +9,7 @@ plus the shared EdgeEmbedding fronts. Prints a table and writes JSON (default be
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -23,11 +24,12 @@ from ase.collections import g2
 from e3nn import o3
 from torch.profiler import ProfilerActivity, profile
 
+from molkern.models import MolkernNet
 from molkern.nn import EdgeEmbedding, Edges, ImplicitKernel, StandardKernel, SteerableConv
 
 CUTOFF = 5.0
 PER = 10_000  # results are normalised per this many edges
-HEADS = 1  # MolkernNet's default kernel_heads
+HEADS = inspect.signature(MolkernNet).parameters["kernel_heads"].default  # the model's default
 FULL_LIMIT_S, FULL_LIMIT_MB = 10.0, 4000.0  # above these (projected per call), time the full kernel on fewer edges
 MEMORY_METHOD = (
     "torch.profiler(profile_memory=True) over one fwd+bwd call: the '[memory]' allocation/free records "
