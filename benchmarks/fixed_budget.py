@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.fixed_budget [--budget-s 1200] [--clock wall|cpu] [--threads 2]
         [--models molkern,schnet,dimenet++] [--train-subset N] [--val-subset 1000] [--test-subset N]
         [--root data/qm9] [--max-molecules N] [--lr molkern=3e-3,schnet=1e-3] [--val-every 0.1] [--seed 0]
+        [--molkern lmax=1,num_channels=48]
         [--out benchmarks/results/fixed_budget.json] [--quick]
 
 Every model trains in its own subprocess, one after the other (they never share cores), with ``--threads`` torch
@@ -12,7 +13,7 @@ prefixes of its parts for ``--*-subset``), target HOMO in meV normalised by the 
 The same seed gives every model the same batches of 32 in the same order (a numpy permutation per epoch).
 
 Models: molkern = ``QM9Module`` around ``MolkernNet`` with ``qm9_throughput.MOLKERN`` (32 channels, 3 blocks) at
-lmax 2 and the package's default kernel; SchNet and DimeNet++ = ``qm9_throughput``'s PyG adapters (given radius-graph
+lmax 2 and the package's default kernel (``--molkern key=value,...`` overrides MolkernNet arguments); SchNet and DimeNet++ = ``qm9_throughput``'s PyG adapters (given radius-graph
 edges, plain-torch triplets) with its ``SCHNET`` / ``DIMENET`` settings. HOMO is intensive, so every model's
 per-atom outputs are averaged over the molecule (molkern's QM9Module does this; the PyG models' summed output is
 divided by the atom count).
@@ -103,7 +104,7 @@ def eval_batches(view):
 # ---------------------------------------------------------------------------------------------- models
 
 
-def build(name: str, train_view):
+def build(name: str, train_view, molkern_overrides: dict):
     """(model, forward(batch) -> (B,) normalised prediction, description)."""
     if name == "molkern":
         from molkern.models import average_num_neighbors
@@ -111,10 +112,12 @@ def build(name: str, train_view):
 
         sample = [train_view[i] for i in range(min(len(train_view), 2000))]  # as QM9Module.setup
         avg = average_num_neighbors([d.edge_index for d in sample], [d.num_nodes for d in sample])
-        model = QM9Module(model={**MOLKERN_CONFIG, "avg_num_neighbors": avg}, targets=TARGET, graph="radius",
+        config = {**MOLKERN_CONFIG, **molkern_overrides}
+        model = QM9Module(model={**config, "avg_num_neighbors": avg}, targets=TARGET, graph="radius",
                           cutoff=CUTOFF, data_init=False)
-        desc = f"MolkernNet (QM9Module), kernel {molkern_kernel_name()} (package default), " + ", ".join(
-            f"{k}={v}" for k, v in MOLKERN_CONFIG.items()) + f", avg_num_neighbors={avg:.2f}"
+        kernel = config.get("kernel", f"{molkern_kernel_name()} (package default)")
+        desc = f"MolkernNet (QM9Module), kernel {kernel}, " + ", ".join(
+            f"{k}={v}" for k, v in config.items() if k != "kernel") + f", avg_num_neighbors={avg:.2f}"
 
         def forward(batch):
             return model(batch)[:, 0]  # (B,) QM9Module averages an intensive target over atoms
@@ -155,7 +158,7 @@ def run_model(name: str, args) -> dict:
     train, col = parts["train"], QM9.target_index(TARGET)
     y_train = train.targets()[:, col]  # (M,) float64 meV
     mean, std = float(y_train.mean()), float(y_train.std(unbiased=False))
-    model, forward, desc = build(name, train)
+    model, forward, desc = build(name, train, args.molkern_map)
     params = sum(p.numel() for p in model.parameters())
     lr = args.lr_map[name]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
@@ -227,7 +230,8 @@ def run_model(name: str, args) -> dict:
     print(f"[{name}] test MAE {test:.1f} meV ({len(parts['test'])} molecules)", file=sys.stderr, flush=True)
     return {
         "model": name, "description": desc, "params": params, "lr": lr,
-        "kernel": molkern_kernel_name() if name == "molkern" else None,
+        "kernel": args.molkern_map.get("kernel", molkern_kernel_name()) if name == "molkern" else None,
+        "molkern_overrides": args.molkern_map if name == "molkern" else None,
         "n_train": n_train, "n_val": len(parts["val"]), "n_test": len(parts["test"]),
         "target_mean_mev": mean, "target_std_mev": std,
         "steps": steps, "epochs": seen / n_train, "molecules_seen": seen, "skipped_nonfinite_steps": skipped,
@@ -260,7 +264,7 @@ def run_isolated(name: str, args) -> dict:
 def forward_args(args) -> list:
     out = ["--root", str(Path(args.root).resolve()), "--budget-s", repr(args.budget_s), "--clock", args.clock,
            "--threads", str(args.threads), "--val-every", repr(args.val_every), "--seed", str(args.seed),
-           "--lr", ",".join(f"{k}={v!r}" for k, v in args.lr_map.items())]
+           "--lr", ",".join(f"{k}={v!r}" for k, v in args.lr_map.items()), "--molkern", args.molkern]
     for flag, value in (("--max-molecules", args.max_molecules), ("--train-subset", args.train_subset),
                         ("--val-subset", args.val_subset), ("--test-subset", args.test_subset)):
         if value is not None:
@@ -295,6 +299,20 @@ def parse_lr(text: str) -> dict:
     return lrs
 
 
+def parse_overrides(text: str) -> dict:
+    """"lmax=1,kernel=factorised" -> {"lmax": 1, "kernel": "factorised"} (numbers and booleans parsed)."""
+    out = {}
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        key, _, value = item.partition("=")
+        if not key or not value:
+            raise SystemExit(f"--molkern takes key=value pairs of MolkernNet arguments, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fixed_budget", description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, help="training budget per model in seconds (default 1200; "
@@ -309,6 +327,8 @@ def parse_args(argv=None):
     parser.add_argument("--test-subset", type=int, help="first N of the test part (default all; 500 with --quick)")
     parser.add_argument("--val-every", type=float, default=0.1, help="validate every this fraction of the budget")
     parser.add_argument("--lr", default="", help=f"per-model learning rates, e.g. schnet=5e-4 (defaults {LR})")
+    parser.add_argument("--molkern", default="", help="MolkernNet arguments overriding the benchmark's, "
+                                                      "e.g. lmax=1,num_channels=48")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", default="data/qm9", help="QM9 cache directory (molkern.data.QM9 root)")
     parser.add_argument("--max-molecules", type=int, help="process only the first N QM9 molecules (tests)")
@@ -325,6 +345,7 @@ def parse_args(argv=None):
     if not args.budget_s > 0 or not 0 < args.val_every <= 1:
         raise SystemExit("--budget-s must be positive and --val-every in (0, 1]")
     args.lr_map = parse_lr(args.lr)
+    args.molkern_map = parse_overrides(args.molkern)
     return args
 
 
@@ -374,7 +395,7 @@ def main(argv=None):
                                   f"{MIN_LR_RATIO:g} x lr at the end of the budget (lr follows budget spent)",
                       "grad_clip_norm": GRAD_CLIP, "loss": "L1 on (y - train mean) / train std"},
         "readout": "mean over atoms for every model (HOMO is intensive)",
-        "molkern": MOLKERN_CONFIG, "schnet": SCHNET, "dimenet++": DIMENET,
+        "molkern": {**MOLKERN_CONFIG, **args.molkern_map}, "schnet": SCHNET, "dimenet++": DIMENET,
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "wall_time_s": wall,
     }
     result = {

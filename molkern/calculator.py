@@ -23,19 +23,17 @@ Graphs (``module.graph_spec["graph"]``):
 The calculator runs the module in eval mode in its own dtype (``dtype=`` casts it once) and never changes
 torch's global state (default dtype, number of threads, grad mode).
 
-``compile=True`` (opt-in; eager is the default) evaluates energy and forces with one compiled graph: the
-whole energy+forces call (forward and the autograd backward for -dE/dpos) is traced once into ATen operations
-(``make_fx``, symbolic shapes: any edge count) and compiled by ``torch.compile(dynamic=True)`` (Inductor). The
-first call per atom count pays the tracing and compilation (1.5 to 2 minutes of CPU for an lmax 2 model);
-afterwards energy+forces of an 18-atom QM9 molecule took 0.66-0.70x eager's CPU time (1 thread), equal to
-eager to float32 rounding over 2,000 MD-like calls with 33 different edge counts and one compiled graph.
-The module's weights are frozen into the graph at that first call: after changing them, call
+``compile=True`` (opt-in; eager is the default) evaluates energy and forces with
+:class:`molkern.train.compiled.CompiledEnergyForces`: one compiled graph of the whole energy+forces call, for
+any atom and edge count. The first call pays the tracing and compilation (about a minute of CPU for an lmax 2
+model); later calls of an 18-atom QM9 molecule take about a third of eager's time. Equal to eager to float32
+rounding (tested over MD-like steps with changing edge counts and over molecules of other sizes). The
+module's weights are frozen into the graph at that first call: after changing them, call
 :meth:`reset_compiled`. Stress requests use the eager path.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 from typing import Optional, Sequence, Union
 
@@ -43,7 +41,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
-from torch_geometric.data import Batch, Data
+from torch_geometric.data import Batch
 
 from .data.atoms import one_hot_elements
 from .data.neighbors import radius_edges
@@ -99,7 +97,8 @@ class MolkernCalculator(Calculator):
         self.smiles, self.charge = smiles, charge
         self._bonds = None  # (numbers, bond_index, bond_type) of a bond-conditioned module
         self.compile = bool(compile)
-        self._compiled = {}  # (atom count, batch fields) -> compiled energy+forces graph
+        self._compiled = None  # CompiledEnergyForces of the module, built on the first compiled call
+        self._species_cache = None  # (numbers, z, node_attr) of the last structure
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu", dtype=None,
@@ -111,35 +110,8 @@ class MolkernCalculator(Calculator):
 
     def reset_compiled(self) -> None:
         """Forget the compiled graphs (``compile=True``); the next calculation traces and compiles again."""
-        self._compiled = {}
-
-    def _compiled_energy_forces(self, batch):
-        """(energy (1,), forces (N, 3)) from the compiled graph for this atom count, built on first use."""
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        from .train.energy import energy_forces_stress
-
-        keys = sorted(k for k in batch.keys() if torch.is_tensor(batch[k]))
-        tensors = [batch[k] for k in keys]
-        key = (batch.num_nodes, tuple((k, t.dtype, t.dim()) for k, t in zip(keys, tensors)))
-        fn = self._compiled.get(key)
-        if fn is None:
-            with torch.inference_mode(False), torch.enable_grad():  # fills the modules' lazy caches first
-                energy_forces_stress(self.module, batch, forces=True)
-
-            def energy_forces(*values):
-                traced = copy.copy(batch)
-                for k, v in zip(keys, values):
-                    traced[k] = v
-                with torch.enable_grad():
-                    out = energy_forces_stress(self.module, traced, forces=True)
-                return out["energy"], out["forces"]
-
-            with torch.inference_mode(False), torch.no_grad():
-                graph = make_fx(energy_forces, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*tensors)
-            fn = self._compiled[key] = torch.compile(graph, dynamic=True)
-        with torch.inference_mode(False), torch.no_grad():  # the graph holds the backward ops itself
-            return fn(*tensors)
+        if self._compiled is not None:
+            self._compiled.reset()
 
     def reset_bonds(self) -> None:
         """Forget the perceived bond graph; the next calculation perceives it from the current structure."""
@@ -165,19 +137,24 @@ class MolkernCalculator(Calculator):
                 "calculator")
         return self._bonds[1], self._bonds[2]
 
+    def _species(self, numbers: np.ndarray):
+        """(z (N,) int64, node_attr (N, K) in self.dtype), kept while the atomic numbers do not change."""
+        if self._species_cache is None or not np.array_equal(self._species_cache[0], numbers):
+            z = torch.as_tensor(numbers, dtype=torch.long)
+            self._species_cache = (numbers.copy(), z, one_hot_elements(numbers, self.elements, "atoms").to(self.dtype))
+        return self._species_cache[1:]
+
     def batch(self, atoms) -> Batch:
         """The one-structure PyG Batch the module reads (fields of the TaskModule protocol, in self.dtype)."""
         from .data.graph import molecule_edges
 
         dtype, device = self.dtype, self.device
+        numbers = np.asarray(atoms.numbers)
         pbc = np.asarray(atoms.pbc, dtype=bool)
         cell = np.asarray(atoms.cell[:], dtype=np.float64)
-        fields = dict(
-            z=torch.as_tensor(atoms.numbers, dtype=torch.long),
-            pos=torch.as_tensor(atoms.positions, dtype=dtype),
-            node_attr=one_hot_elements(atoms.numbers, self.elements, "atoms").to(dtype),
-            cell=torch.as_tensor(cell, dtype=dtype)[None],
-        )
+        z, node_attr = self._species(numbers)
+        fields = dict(z=z, pos=torch.as_tensor(atoms.positions, dtype=dtype), node_attr=node_attr,
+                      cell=torch.as_tensor(cell, dtype=dtype)[None])
         graph, cutoff = self.graph_spec["graph"], self.graph_spec.get("cutoff")
         if graph == "bonds" or self.graph_spec.get("edge_attr", "none") == "bonds":
             bond_index, bond_type = self._bonds_of(atoms)
@@ -188,7 +165,10 @@ class MolkernCalculator(Calculator):
             edge_index, shifts = radius_edges(atoms.positions, float(cutoff), cell if pbc.any() else None, pbc)
             fields.update(edge_index=edge_index, edge_attr=torch.zeros(edge_index.shape[1], 0, dtype=dtype),
                           edge_shift=shifts.to(dtype))
-        return Batch.from_data_list([Data(**fields)]).to(device)
+        n = len(numbers)  # one graph: what Batch.from_data_list([Data(**fields)]) gives, without its collation
+        batch = Batch(**fields, batch=torch.zeros(n, dtype=torch.long), ptr=torch.tensor([0, n]))
+        batch._num_graphs = 1
+        return batch if device.type == "cpu" else batch.to(device)
 
     def calculate(self, atoms=None, properties: Sequence[str] = ("energy",), system_changes=all_changes):
         from .train.energy import energy_forces_stress
@@ -200,7 +180,11 @@ class MolkernCalculator(Calculator):
             raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
         batch = self.batch(atoms)
         if self.compile and not want_stress:
-            energy, forces = self._compiled_energy_forces(batch)
+            if self._compiled is None:
+                from .train.compiled import CompiledEnergyForces
+
+                self._compiled = CompiledEnergyForces(self.module)
+            energy, forces = self._compiled(batch)
             out = {"energy": energy, "forces": forces}
         else:
             with torch.inference_mode(False), torch.enable_grad():

@@ -224,6 +224,21 @@ def test_periodic_and_free_molecule_agree(calc64):
     assert np.abs(boxed.get_stress()).max() < 1e-3  # only the tiny 1/V of an isolated molecule's virial
 
 
+@pytest.mark.parametrize("kernel,trunk", [("depthwise", "invariant"), ("factorised", "gated"), ("full", "gated"),
+                                          ("standard", "invariant")])
+def test_atoms_without_neighbours_are_additive(kernel, trunk):
+    """No pair within the cutoff (zero edges, every kernel batch-normalised): E = sum of the lone atoms', F = 0."""
+    from ase import Atoms
+
+    torch.manual_seed(0)
+    module = EnergyModule(ELEMENTS, model={**MODEL, "lmax": 2, "kernel": kernel, "kernel_trunk": trunk})
+    calc = MolkernCalculator(module, dtype="float64")
+    pair = Atoms("HO", positions=[[0.0, 0.0, 0.0], [0.0, 0.0, 9.0]])  # 9 A apart, cutoff 4 A
+    lone = [energy_of(calc, Atoms(s, positions=[[0.0, 0.0, 0.0]])) for s in "HO"]
+    np.testing.assert_allclose(energy_of(calc, pair), sum(lone), atol=1e-10)
+    np.testing.assert_array_equal(forces_of(calc, pair), 0.0)
+
+
 def test_unknown_element_is_an_error(calc64):
     with pytest.raises(ValueError, match="N"):
         energy_of(calc64, molecule("NH3"))

@@ -117,7 +117,8 @@ class ChannelwiseProduct(nn.Module):
             y = G * x_i if d1 == 1 else torch.bmm(G, x_i)  # (E, K, U); bmm is slow for inner size 1
             y_runs = torch.split(y, [n * d3 for _, n, d3, _ in runs], dim=1)
             for y_run, w, (_, n, d3, _) in zip(y_runs, w_runs, runs):  # weights (E, n, 1, U) broadcast over d3
-                parts.append((y_run.view(num_edges, n, d3, mul) * w.view(num_edges, n, 1, mul)).view(num_edges, -1))
+                run = y_run.view(num_edges, n, d3, mul) * w.view(num_edges, n, 1, mul)
+                parts.append(run.view(num_edges, n * d3 * mul))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def arrange(self, products: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,7 @@ class DepthwiseProduct(nn.Module):
         if channel_weights is not None:
             x = x * channel_weights.reshape(-1, 1, per_head_channels)
         messages = torch.bmm(kernels, x)  # (E * H, d_out, U / H)
-        return messages.view(num_edges, -1)
+        return messages.view(num_edges, self.irreps_out.dim)
 
     def arrange(self, products: torch.Tensor) -> torch.Tensor:
         """(R, irreps_out.dim) head-major -> irreps_out's e3nn layout."""

@@ -3,11 +3,10 @@
 from typing import NamedTuple, Optional
 
 import torch
-from e3nn import nn as enn
 from e3nn import o3
 from torch import nn
 
-from .mlp import EquivariantMLP, filter_irreps, irreps_up_to, reachable_irreps
+from .mlp import BatchNorm, EquivariantMLP, filter_irreps, irreps_up_to, reachable_irreps
 from .radial import BesselBasis, PolynomialCutoff
 from .eager import eager_e3nn
 from .harmonics import spherical_harmonics
@@ -128,7 +127,7 @@ class EdgeEmbedding(nn.Module):
         self.irreps_harmonics = o3.Irreps.spherical_harmonics(max(self.lmax, lmax_vectors))[1:]  # l >= 1
         scale = [((2 * ir.l + 3) / 3) ** 0.5 for _, ir in self.irreps_harmonics for _ in range(ir.dim)]
         self.register_buffer("harmonics_scale", torch.tensor(scale, dtype=torch.get_default_dtype()))
-        self.harmonics_norm = enn.BatchNorm(self.irreps_harmonics) if batch_norm and self.lmax > 0 else None
+        self.harmonics_norm = BatchNorm(self.irreps_harmonics) if batch_norm and self.lmax > 0 else None
         self.irreps_scalars = o3.Irreps(f"{num_radial}x0e") + edge_s + node_s + node_s
         self.irreps_vectors = irreps_ref + edge_v + node_v + node_v
         keep = [ir for _, ir in o3.Irreps.spherical_harmonics(self.lmax) for ir in (ir, o3.Irrep(ir.l, -ir.p))]

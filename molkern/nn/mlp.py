@@ -11,6 +11,17 @@ from .eager import eager_e3nn
 from .linear import Linear
 
 
+class BatchNorm(enn.BatchNorm):
+    """e3nn's equivariant BatchNorm that also takes zero rows (the edges of a structure without any pair within
+    the cutoff, e.g. a lone atom) and returns them unchanged (e3nn's reshape fails on them).
+
+    Shapes: (R, irreps.dim) -> (R, irreps.dim)
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.shape[0] == 0 else super().forward(x)
+
+
 def irreps_up_to(mul: int, lmax: int, parity: str = "both") -> o3.Irreps:
     """`mul` copies of every irrep with l <= lmax.
 
@@ -123,7 +134,7 @@ class EquivariantMLP(nn.Module):
             gate = make_gate(irreps_hidden)
             layers += [Linear(irreps, gate.irreps_in, biases=True), gate]
             if batch_norm:
-                layers.append(enn.BatchNorm(gate.irreps_out))
+                layers.append(BatchNorm(gate.irreps_out))
             irreps = gate.irreps_out
         if irreps_out is not None:
             layers.append(Linear(irreps, irreps_out, biases=True))
