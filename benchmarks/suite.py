@@ -29,13 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 TASK_ORDER = ("machine", "qm9", "latency", "scaling", "conv")
 QUICK_MODELS = ("molkern-depthwise-l1", "molkern-standard-l1", "schnet", "painn", "painn-reimpl", "nequip-l1")
 QUICK = {"batch_size": 8, "num_batches": 2, "warmup": 1, "repeats": 2, "latency_molecules": 2,
-         "latency_repeats": 3, "box_sizes": [2, 3], "scaling_warmup": 1, "scaling_first_warmup": 1,
-         "scaling_repeats": 1, "scaling_largest": False,
+         "latency_repeats": 3, "latency_compile": False, "box_sizes": [2, 3], "scaling_warmup": 1,
+         "scaling_first_warmup": 1, "scaling_repeats": 1, "scaling_largest": False,
          "scaling_budget_s": 5.0, "scaling_memory_budget_mb": 1000, "rounds": 1, "matmul_n": 512,
          "worker_timeout_s": 600, "one_process_per_model": True}
 FULL = {"batch_size": 32, "num_batches": 4, "warmup": 2, "repeats": 3, "latency_molecules": 8,
-        "latency_repeats": 10, "box_sizes": [3, 4, 5, 7, 10, 15], "scaling_warmup": 1, "scaling_first_warmup": 3,
-        "scaling_repeats": 2, "scaling_largest": False,
+        "latency_repeats": 10, "latency_compile": True, "box_sizes": [3, 4, 5, 7, 10, 15], "scaling_warmup": 1,
+        "scaling_first_warmup": 3, "scaling_repeats": 2, "scaling_largest": False,
         "scaling_budget_s": 30.0, "scaling_memory_budget_mb": 8000, "rounds": 2, "matmul_n": 2048,
         "worker_timeout_s": 3600, "one_process_per_model": False}
 METHOD = {
@@ -51,7 +51,10 @@ METHOD = {
                "repeats, then median over the molecules. The vesin neighbour list of the same molecule is timed "
                "separately (an ASE MD step pays both). 'ASE step ms' (molkern only): the whole step through "
                "molkern.calculator.MolkernCalculator, atoms moved before each get_forces() (neighbour list, graph "
-               "build and conversions included).",
+               "build and conversions included). 'compiled' (molkern, full mode): the same two measurements with "
+               "molkern.train.compiled.CompiledEnergyForces / MolkernCalculator(compile=True), one graph compiled "
+               "once for all the molecules (its compile CPU seconds and largest force deviation from eager are "
+               "in the JSON).",
     "scaling": "energy + forces of one periodic water box, torch threads = --threads; us/atom = median time / "
                "atoms; the neighbour list is timed separately. Untimed warm-up: scaling_warmup calls per box "
                "(page faults of the new size), plus scaling_first_warmup calls on the first box (one-off costs of "
@@ -83,7 +86,8 @@ def settings_for(args) -> dict:
                     quick=args.quick)
     overrides = {"rounds": args.rounds, "scaling_budget_s": args.scaling_budget_s,
                  "scaling_memory_budget_mb": args.scaling_memory_mb, "scaling_largest": args.scaling_largest or None,
-                 "box_sizes": [int(k) for k in args.box_sizes.split(",")] if args.box_sizes else None}
+                 "box_sizes": [int(k) for k in args.box_sizes.split(",")] if args.box_sizes else None,
+                 "latency_compile": False if args.no_compile else None}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return settings
 
@@ -188,6 +192,9 @@ def parse_args(argv=None):
     parser.add_argument("--scaling-largest", action="store_true",
                         help="measure the largest box whatever its projected time (e.g. the 10,125-atom box, "
                              "~20 s per call for molkern lmax 2); the memory budget still applies")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip molkern's compiled latency rows (full mode compiles once per molkern model, "
+                             "about a minute of CPU each)")
     parser.add_argument("--root", default="data/qm9", help="QM9 cache directory (molkern.data.QM9 root)")
     parser.add_argument("--max-molecules", type=int, default=5000, help="load the first N QM9 molecules")
     args = parser.parse_args(argv)

@@ -5,7 +5,8 @@ Tasks (each returns a dict of numbers; times are medians over repeats after unti
              ATen op count / matmul-class FLOPs of one training step, on fixed batches of QM9 molecules.
     latency  one molecule's energy+forces (the ASE MD step; one torch thread) on fixed QM9 molecules, the
              vesin neighbour-list time for the same molecule, the op count of one such call and, for molkern,
-             a whole step through molkern.calculator.MolkernCalculator (atoms moved, get_forces()).
+             a whole step through molkern.calculator.MolkernCalculator (atoms moved, get_forces()), eager
+             and (settings["latency_compile"]) compiled, see compiled_latency.
     scaling  energy+forces time per atom of periodic water boxes of growing size (settings["box_sizes"]); the
              first box gets extra warm-up calls (one-off costs of a fresh process), see task_scaling.
     conv     molkern only: each block's convolution timed alone on a QM9 batch, useful tensor-product
@@ -128,8 +129,11 @@ def task_latency(name: str, settings: dict) -> dict:
         per_mol.append(statistics.median(timed(lambda: energy_forces(model, g), warmup, repeats)))
         per_nl.append(statistics.median(timed(lambda: molecule_graph(m.z, m.pos), 1, repeats)))
     counted = count_ops(lambda: energy_forces(model, graphs[0]))
-    ase = ase_step_ms(model, mols, warmup, repeats) if hasattr(model.module, "graph_spec") else None
-    return {"params": model.params, "description": model.description, "threads": 1, "ase_step_ms": ase,
+    molkern = hasattr(model.module, "graph_spec")
+    ase = ase_step_ms(model, mols, warmup, repeats) if molkern else None
+    compile_too = molkern and settings["latency_compile"]
+    compiled = compiled_latency(model, graphs, mols, warmup, repeats) if compile_too else {}
+    return {**compiled, "params": model.params, "description": model.description, "threads": 1, "ase_step_ms": ase,
             "atoms_mean": statistics.mean(g.num_nodes for g in graphs),
             "latency_ms": 1e3 * statistics.median(per_mol), "latency_ms_each": [1e3 * t for t in per_mol],
             "neighbor_list_ms": 1e3 * statistics.median(per_nl),
@@ -137,15 +141,33 @@ def task_latency(name: str, settings: dict) -> dict:
             "md_step_top_ops": counted["top_ops"]}
 
 
-def ase_step_ms(model, mols, warmup: int, repeats: int) -> float:
+def compiled_latency(model, graphs, mols, warmup: int, repeats: int) -> dict:
+    """molkern's compiled energy+forces (molkern.train.compiled.CompiledEnergyForces; one graph for all the
+    molecules): one-off compile CPU seconds, per-call latency as task_latency's, the largest force deviation
+    from eager (eV/A) and the ASE step with ``MolkernCalculator(compile=True)``."""
+    from molkern.train.compiled import CompiledEnergyForces
+
+    fast = CompiledEnergyForces(model.module)
+    t0 = time.process_time()
+    fast(graphs[0])
+    compile_s = time.process_time() - t0
+    per_mol = [statistics.median(timed(lambda: fast(g), warmup, repeats)) for g in graphs]
+    deviation = max(float((fast(g)[1] - energy_forces(model, g)[1]).abs().max()) for g in graphs)
+    return {"compiled_compile_cpu_s": compile_s, "compiled_latency_ms": 1e3 * statistics.median(per_mol),
+            "compiled_latency_ms_each": [1e3 * t for t in per_mol], "compiled_max_force_deviation": deviation,
+            "compiled_ase_step_ms": ase_step_ms(model, mols, warmup, repeats, compile=True)}
+
+
+def ase_step_ms(model, mols, warmup: int, repeats: int, compile: bool = False) -> float:
     """Median ms of one MD step through molkern's ASE calculator (atoms moved, then energy + forces), which
-    includes the neighbour list, the graph build and the calculator's conversions; median over molecules."""
+    includes the neighbour list, the graph build and the calculator's conversions; median over molecules.
+    ``compile``: MolkernCalculator(compile=True) (its one compilation happens in the first warm-up call)."""
     import ase
     import numpy as np
 
     from molkern.calculator import MolkernCalculator
 
-    calc = MolkernCalculator(model.module)
+    calc = MolkernCalculator(model.module, compile=compile)
     rng = np.random.default_rng(0)
     per_mol = []
     for m in mols:
