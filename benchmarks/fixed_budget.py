@@ -13,8 +13,9 @@ prefixes of its parts for ``--*-subset``), target HOMO in meV normalised by the 
 The same seed gives every model the same batches of 32 in the same order (a numpy permutation per epoch).
 
 Models: molkern = ``QM9Module`` around ``MolkernNet`` with ``qm9_throughput.MOLKERN`` (32 channels, 3 blocks) at
-lmax 2 and the package's default kernel (``--molkern key=value,...`` overrides MolkernNet arguments); SchNet and DimeNet++ = ``qm9_throughput``'s PyG adapters (given radius-graph
-edges, plain-torch triplets) with its ``SCHNET`` / ``DIMENET`` settings. HOMO is intensive, so every model's
+lmax 2 and the package's default kernel (``--molkern key=value,...`` overrides MolkernNet arguments); SchNet and
+DimeNet++ = ``qm9_throughput``'s PyG adapters (given radius-graph edges, plain-torch triplets) with its
+``SCHNET`` / ``DIMENET`` settings. HOMO is intensive, so every model's
 per-atom outputs are averaged over the molecule (molkern's QM9Module does this; the PyG models' summed output is
 divided by the atom count).
 

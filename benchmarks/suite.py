@@ -29,13 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 TASK_ORDER = ("machine", "qm9", "latency", "scaling", "conv")
 QUICK_MODELS = ("molkern-depthwise-l1", "molkern-standard-l1", "schnet", "painn", "painn-reimpl", "nequip-l1")
 QUICK = {"batch_size": 8, "num_batches": 2, "warmup": 1, "repeats": 2, "latency_molecules": 2,
-         "latency_repeats": 3, "latency_compile": False, "box_sizes": [2, 3], "scaling_warmup": 1,
+         "latency_repeats": 3, "compile": False, "box_sizes": [2, 3], "scaling_warmup": 1, "scaling_warmup_max": 1,
          "scaling_first_warmup": 1, "scaling_repeats": 1, "scaling_largest": False,
          "scaling_budget_s": 5.0, "scaling_memory_budget_mb": 1000, "rounds": 1, "matmul_n": 512,
          "worker_timeout_s": 600, "one_process_per_model": True}
 FULL = {"batch_size": 32, "num_batches": 4, "warmup": 2, "repeats": 3, "latency_molecules": 8,
-        "latency_repeats": 10, "latency_compile": True, "box_sizes": [3, 4, 5, 7, 10, 15], "scaling_warmup": 1,
-        "scaling_first_warmup": 3, "scaling_repeats": 2, "scaling_largest": False,
+        "latency_repeats": 10, "compile": True, "box_sizes": [3, 4, 5, 7, 10, 15], "scaling_warmup": 1,
+        "scaling_warmup_max": 5, "scaling_first_warmup": 3, "scaling_repeats": 2, "scaling_largest": False,
         "scaling_budget_s": 30.0, "scaling_memory_budget_mb": 8000, "rounds": 2, "matmul_n": 2048,
         "worker_timeout_s": 3600, "one_process_per_model": False}
 METHOD = {
@@ -56,12 +56,14 @@ METHOD = {
                "once for all the molecules (its compile CPU seconds and largest force deviation from eager are "
                "in the JSON).",
     "scaling": "energy + forces of one periodic water box, torch threads = --threads; us/atom = median time / "
-               "atoms; the neighbour list is timed separately. Untimed warm-up: scaling_warmup calls per box "
-               "(page faults of the new size), plus scaling_first_warmup calls on the first box (one-off costs of "
-               "a fresh process: lazy caches, TorchScript profiling runs); their times are kept (warmup_call_ms). "
-               "A size is skipped when the previous size's time or peak memory, scaled linearly with the atom "
-               "count, exceeds its budget (settings); with --scaling-largest the largest box ignores the time "
-               "budget (not the memory budget).",
+               "atoms; the neighbour list is timed separately. Untimed warm-up: scaling_warmup to "
+               "scaling_warmup_max calls per box, until a call page-faults in (almost) no new memory (a new size's "
+               "first calls do; an MD run's steady state does not), plus scaling_first_warmup calls on the first box "
+               "(one-off costs of a fresh process: lazy caches, TorchScript profiling runs); their times and page "
+               "faults are kept (warmup_calls). molkern in full mode: also compiled (CompiledEnergyForces, one graph "
+               "compiled on the first box, not timed). A size is skipped when the previous size's time or peak "
+               "memory, scaled linearly with the atom count, exceeds its budget (settings); with --scaling-largest "
+               "the largest box ignores the time budget (not the memory budget).",
     "ops": "ATen ops dispatched in one call (benchmarks.opcount: a TorchDispatchMode, backward included; one "
            "energy-only training step on the first QM9 batch, one energy+forces call of the first latency "
            "molecule) and the matmul-class FLOPs of torch.utils.flop_counter's registry (zeros included).",
@@ -87,7 +89,7 @@ def settings_for(args) -> dict:
     overrides = {"rounds": args.rounds, "scaling_budget_s": args.scaling_budget_s,
                  "scaling_memory_budget_mb": args.scaling_memory_mb, "scaling_largest": args.scaling_largest or None,
                  "box_sizes": [int(k) for k in args.box_sizes.split(",")] if args.box_sizes else None,
-                 "latency_compile": False if args.no_compile else None}
+                 "compile": False if args.no_compile else None}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return settings
 
@@ -193,8 +195,8 @@ def parse_args(argv=None):
                         help="measure the largest box whatever its projected time (e.g. the 10,125-atom box, "
                              "~20 s per call for molkern lmax 2); the memory budget still applies")
     parser.add_argument("--no-compile", action="store_true",
-                        help="skip molkern's compiled latency rows (full mode compiles once per molkern model, "
-                             "about a minute of CPU each)")
+                        help="skip molkern's compiled latency and scaling measurements (full mode compiles once "
+                             "per molkern model and task, about a minute of CPU each)")
     parser.add_argument("--root", default="data/qm9", help="QM9 cache directory (molkern.data.QM9 root)")
     parser.add_argument("--max-molecules", type=int, default=5000, help="load the first N QM9 molecules")
     args = parser.parse_args(argv)

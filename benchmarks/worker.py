@@ -6,9 +6,10 @@ Tasks (each returns a dict of numbers; times are medians over repeats after unti
     latency  one molecule's energy+forces (the ASE MD step; one torch thread) on fixed QM9 molecules, the
              vesin neighbour-list time for the same molecule, the op count of one such call and, for molkern,
              a whole step through molkern.calculator.MolkernCalculator (atoms moved, get_forces()), eager
-             and (settings["latency_compile"]) compiled, see compiled_latency.
-    scaling  energy+forces time per atom of periodic water boxes of growing size (settings["box_sizes"]); the
-             first box gets extra warm-up calls (one-off costs of a fresh process), see task_scaling.
+             and (settings["compile"]) compiled, see compiled_latency.
+    scaling  energy+forces time per atom of periodic water boxes of growing size (settings["box_sizes"]), eager
+             and (molkern, settings["compile"]) compiled; warm-up until the calls stop page-faulting, see
+             task_scaling.
     conv     molkern only: each block's convolution timed alone on a QM9 batch, useful tensor-product
              FLOPs (benchmarks.flops) -> achieved GFLOP/s.
     machine  fp32 torch.mm peak GFLOP/s with 1 and ``threads`` threads (model ignored).
@@ -131,7 +132,7 @@ def task_latency(name: str, settings: dict) -> dict:
     counted = count_ops(lambda: energy_forces(model, graphs[0]))
     molkern = hasattr(model.module, "graph_spec")
     ase = ase_step_ms(model, mols, warmup, repeats) if molkern else None
-    compile_too = molkern and settings["latency_compile"]
+    compile_too = molkern and settings["compile"]
     compiled = compiled_latency(model, graphs, mols, warmup, repeats) if compile_too else {}
     return {**compiled, "params": model.params, "description": model.description, "threads": 1, "ase_step_ms": ase,
             "atoms_mean": statistics.mean(g.num_nodes for g in graphs),
@@ -182,19 +183,47 @@ def ase_step_ms(model, mols, warmup: int, repeats: int, compile: bool = False) -
     return 1e3 * statistics.median(per_mol)
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (fresh memory pages touched)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def warm_up(fn, minimum: int, maximum: int) -> list:
+    """Untimed-for-the-result calls of fn: at least ``minimum``, then until a call touches almost no fresh memory
+    pages (at most 1 % of the first call's minor page faults, or 100 pages) or ``maximum`` calls; [(ms, page
+    faults)] per call.
+
+    A new, larger box's first calls page-fault in the allocator's new memory (the second often still does, as
+    freed blocks are re-split); the steady state of an MD run at that size has no faults."""
+    calls = []
+    while len(calls) < maximum:
+        faults, t0 = minor_faults(), time.perf_counter()
+        fn()
+        calls.append((1e3 * (time.perf_counter() - t0), minor_faults() - faults))
+        if len(calls) >= minimum and calls[-1][1] <= max(0.01 * calls[0][1], 100):
+            break
+    return calls
+
+
 def task_scaling(name: str, settings: dict) -> dict:
     """Energy+forces time of each water box (settings["box_sizes"]), one model built once for all boxes.
 
-    Warm-up: every box gets ``scaling_warmup`` untimed calls (its first call pays the page faults of its new,
-    larger buffers); the first measured box gets ``scaling_first_warmup`` more, for the one-off costs of a fresh
-    process (lazy caches, TorchScript profiling-executor runs, allocator growth), which otherwise land in the
-    smallest box's time. The untimed calls' times are kept per box (``warmup_call_ms``).
+    Warm-up (:func:`warm_up`): every box gets ``scaling_warmup`` to ``scaling_warmup_max`` untimed calls, until
+    a call no longer page-faults in new memory; the first measured box gets ``scaling_first_warmup`` more, for
+    the one-off costs of a fresh process (lazy caches, TorchScript profiling-executor runs, allocator growth),
+    which otherwise land in the smallest box's time. The untimed calls' times and page faults are kept per box
+    (``warmup_calls``). molkern with ``settings["compile"]``: the same boxes through
+    molkern.train.compiled.CompiledEnergyForces too (one graph for every box, compiled on the first box and not
+    timed), as ``compiled_ms`` / ``compiled_us_per_atom``.
     Budgets: a box is skipped when the last measured box's time or peak memory, scaled linearly with the atom
     count, exceeds ``scaling_budget_s`` / ``scaling_memory_budget_mb``; with ``scaling_largest`` the largest box
     is measured whatever the time projection (the memory budget still applies: an out-of-memory worker dies).
     """
-    model, points = None, []
+    model, fast, points = None, None, []
     largest = max(settings["box_sizes"])
+    low, high = settings["scaling_warmup"], max(settings["scaling_warmup"], settings.get("scaling_warmup_max", 1))
     for k in settings["box_sizes"]:
         box = water_box(k)
         point = {"k": k, "atoms": box.num_nodes, "edges": box.edge_index.shape[1],
@@ -215,23 +244,34 @@ def task_scaling(name: str, settings: dict) -> dict:
                                                   f"{settings['scaling_memory_budget_mb']:g} MB)"})
                 continue
         batch = as_batch([box])
-        warmup = settings["scaling_warmup"]
+        extra = 0
         if model is None:  # the same weights for every size; normalised by the first box's mean in-degree
             model = build(name, batch.edge_index.shape[1] / batch.num_nodes)
             model.module.eval()
-            warmup += settings.get("scaling_first_warmup", 0)
+            extra = settings.get("scaling_first_warmup", 0)
+            if settings.get("compile") and hasattr(model.module, "graph_spec"):
+                from molkern.train.compiled import CompiledEnergyForces
+
+                fast = CompiledEnergyForces(model.module)
+                fast(batch)  # trace + compile once (not timed)
         gc.collect()
         base = qt.rss_mb()
         qt.reset_peak()
         try:
-            cold = timed(lambda: energy_forces(model, batch), 0, warmup)
+            cold = warm_up(lambda: energy_forces(model, batch), low + extra, high + extra)
             seconds = timed(lambda: energy_forces(model, batch), 0, settings["scaling_repeats"])
         except (RuntimeError, MemoryError) as exc:
             points.append({**point, "status": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
             continue
         ms = 1e3 * statistics.median(seconds)
-        points.append({**point, "status": "ok", "ms": ms, "us_per_atom": 1e3 * ms / box.num_nodes,
-                       "peak_mb": qt.peak_mb() - base, "warmup_call_ms": [1e3 * t for t in cold]})
+        point.update(status="ok", ms=ms, us_per_atom=1e3 * ms / box.num_nodes, peak_mb=qt.peak_mb() - base,
+                     warmup_calls=cold)
+        if fast is not None:
+            warm = warm_up(lambda: fast(batch), low + extra, high + extra)
+            compiled = 1e3 * statistics.median(timed(lambda: fast(batch), 0, settings["scaling_repeats"]))
+            point.update(compiled_ms=compiled, compiled_us_per_atom=1e3 * compiled / box.num_nodes,
+                         compiled_warmup_calls=warm)
+        points.append(point)
     return {"params": model.params if model else None, "description": model.description if model else None,
             "points": points}
 
