@@ -83,6 +83,9 @@ def lightning_main(args: Optional[List[str]] = None, run: bool = True) -> Molker
 
 
 def main(args: Optional[List[str]] = None) -> None:
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # 20-30 % faster CPU training steps (see molkern.allocator); MOLKERN_KEEP_FREED_MEMORY=0
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["predict"] and any(a == "--ckpt" or a.startswith("--ckpt=") for a in argv):
         import argparse
