@@ -50,6 +50,7 @@ class MolkernNet(nn.Module):
         kernel_channel_weights: the depthwise kernel also scales each channel by an invariant of the edge.
         kernel_batch_norm: batch-normalise the harmonic polynomials fed to the kernel MLP.
         kernel_node_attrs: feed node attributes of both ends to the kernel MLP.
+        readout_hidden: width of the readout MLP's hidden layer (per irrep of the output's degrees).
         avg_num_neighbors: normalisation of the neighbour sum (see `average_num_neighbors`).
 
     Shapes:
@@ -83,6 +84,7 @@ class MolkernNet(nn.Module):
         kernel_channel_weights: bool = True,
         kernel_batch_norm: bool = True,
         kernel_node_attrs: bool = True,
+        readout_hidden: int = 16,
         avg_num_neighbors: float = 1.0,
     ):
         super().__init__()
@@ -129,7 +131,7 @@ class MolkernNet(nn.Module):
             block = InteractionBlock(irreps, self.irreps_hidden, attrs, SteerableConv(k, avg_num_neighbors))
             self.blocks.append(block)
             irreps = block.irreps_out
-        self.readout = Readout(irreps, irreps_out, pooling)
+        self.readout = Readout(irreps, irreps_out, pooling, hidden=readout_hidden)
         self.irreps_out = self.readout.irreps_out
 
     def forward(
