@@ -203,6 +203,13 @@ def test_training_lowers_the_loss_and_checkpoint_reproduces_energies(emt_file, t
         if atoms.pbc.all():
             np.testing.assert_allclose(atoms.get_stress(voigt=False), ref["stress"][k].numpy(), atol=1e-6)
 
+    from molkern.experiments import emt_md  # the MD / relaxation comparison runs on this checkpoint
+
+    result = emt_md.main(["--ckpt", str(path), "--out", str(tmp_path / "md"), "--quick"])
+    saved = json.loads((tmp_path / "md" / "emt_md.json").read_text())
+    assert saved["checkpoint"] == str(path) and saved["compiled"] is False
+    print(json.dumps(result)[:300])
+
 
 @pytest.mark.parametrize("name", ["emt_cu", "emt_cluster"])
 def test_emt_configs_parse(name, tmp_path, monkeypatch):

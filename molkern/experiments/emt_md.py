@@ -117,13 +117,16 @@ def main(argv=None):
     p.add_argument("--dt", type=float, default=2.0, help="time step, fs")
     p.add_argument("--temperature", type=float, default=600.0, help="Langevin temperature, K (NVE starts at it)")
     p.add_argument("--stride", type=int, default=10, help="sample every n-th MD frame")
+    p.add_argument("--relax-steps", type=int, default=500, help="FIRE steps at most per relaxation")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--compile", action="store_true",
+                   help="energy+forces from one compiled graph (MolkernCalculator(compile=True); ~1 min to compile)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads during the run, restored after (0: unchanged)")
     p.add_argument("--quick", action="store_true", help="short runs (tests)")
     args = p.parse_args(argv)
     if args.quick:
-        args.nve_steps, args.langevin_steps, args.equilibrate = 40, 60, 20
+        args.nve_steps, args.langevin_steps, args.equilibrate, args.relax_steps = 40, 60, 20, 30
     threads = torch.get_num_threads()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -147,7 +150,7 @@ def run(args):
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = MolkernCalculator.from_checkpoint(args.ckpt, dtype=args.dtype)
+    model = MolkernCalculator.from_checkpoint(args.ckpt, dtype=args.dtype, compile=args.compile)
     emt = EMT()
     el = args.element
     cell = bulk(el, "fcc", a=LATTICE[el], cubic=True) * (2, 2, 2)
@@ -155,7 +158,7 @@ def run(args):
     rng = np.random.default_rng(args.seed)
     thermalize_momenta(cell, temperature_K=args.temperature, rng=rng)
     result = {"checkpoint": str(args.ckpt), "element": el, "atoms": n, "dt_fs": args.dt,
-              "temperature_K": args.temperature, "dtype": args.dtype}
+              "temperature_K": args.temperature, "dtype": args.dtype, "compiled": args.compile}
     curves = {}
 
     # 1. NVE
@@ -230,7 +233,7 @@ def run(args):
         res = {}
         minima = {}
         for name, calc in (("model", model), ("emt", emt)):
-            atoms, trace, converged = relax(start_atoms, calc, fmax=0.01, steps=500, cell=use_cell)
+            atoms, trace, converged = relax(start_atoms, calc, fmax=0.01, steps=args.relax_steps, cell=use_cell)
             minima[name] = atoms
             curves[f"relax_{label}_{name}"] = np.array(trace) / len(atoms)
             res[name] = {"converged": converged, "steps": len(trace)}
