@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.qm9_throughput import CUTOFF, DIMENET, MALLOC_ENV, MOLKERN, SCHNET, make_pyg_models
+from benchmarks.qm9_throughput import CUTOFF, DIMENET, MOLKERN, SCHNET, make_pyg_models, worker_env
 
 TARGET = "homo"
 SPLIT = "cormorant"
@@ -249,7 +249,7 @@ def run_isolated(name: str, args) -> dict:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, "-m", "benchmarks.fixed_budget", "--worker", name, "--worker-out", str(out),
                *forward_args(args)]
-        env = {**os.environ, **{k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()}}
+        env = worker_env()
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
         tail = []
         with subprocess.Popen(cmd, env=env, cwd=str(REPO), stderr=subprocess.PIPE, text=True) as proc:

@@ -44,6 +44,11 @@ SCHNET = {"hidden_channels": 128, "num_filters": 128, "num_interactions": 3, "nu
 DIMENET = {"hidden_channels": 64, "out_channels": 1, "num_blocks": 3, "int_emb_size": 32, "basis_emb_size": 8,
            "out_emb_channels": 64, "num_spherical": 7, "num_radial": 6, "cutoff": CUTOFF}
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000000"}
+
+
+def worker_env() -> dict:
+    """This process's environment with glibc malloc trimming off (MALLOC_ENV, unless already set): for workers."""
+    return {**os.environ, **{k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()}}
 MEMORY_METHOD = (
     "Resident set size from /proc/self/status. After the model is built and the batches are in memory: gc, then "
     "baseline = VmRSS. The peak (VmHWM) is reset (`echo 5 > /proc/self/clear_refs`) before the inference phase "
@@ -313,8 +318,7 @@ def run_isolated(name: str, args) -> dict:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-out", str(out),
                *forward_args(args)]
-        env = {**os.environ, **{k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()}}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True)
         if proc.returncode != 0 or not out.is_file():
             return {"model": name, **model_specs()[name], "status": f"failed: {proc.stderr.strip()[-2000:]}"}
         return json.loads(out.read_text())

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .models import model_specs, unavailable_reason
-from .qm9_throughput import MALLOC_ENV
+from .qm9_throughput import worker_env
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_ORDER = ("machine", "qm9", "latency", "scaling", "conv")
@@ -103,7 +103,7 @@ def spawn(tasks: list, name: str, settings: dict) -> list:
         cfg.write_text(json.dumps(settings))
         cmd = [sys.executable, "-m", "benchmarks", "worker", ",".join(tasks), name, "--settings", str(cfg),
                "--out", str(out)]
-        env = {**os.environ, **{k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()},
+        env = {**worker_env(),
                "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
         start = time.perf_counter()
         try:
