@@ -236,9 +236,10 @@ def task_scaling(name: str, settings: dict) -> dict:
         if last is not None:  # linear projection from the previous box: stay within the time and memory budgets
             grow = box.num_nodes / last["atoms"]
             over_time = last["ms"] / 1e3 * grow > settings["scaling_budget_s"] and not forced
-            if over_time or last["peak_mb"] * grow > settings["scaling_memory_budget_mb"]:
+            peak = max(last["peak_mb"], last.get("compiled_peak_mb", 0.0))  # eager or compiled, whichever is larger
+            if over_time or peak * grow > settings["scaling_memory_budget_mb"]:
                 points.append({**point, "status": f"skipped: projected {last['ms'] / 1e3 * grow:.0f} s, "
-                                                  f"{last['peak_mb'] * grow:.0f} MB per call (budgets "
+                                                  f"{peak * grow:.0f} MB per call (budgets "
                                                   f"{settings['scaling_budget_s']:g} s"
                                                   f"{' (not applied: --scaling-largest)' if forced else ''}, "
                                                   f"{settings['scaling_memory_budget_mb']:g} MB)"})
@@ -267,10 +268,13 @@ def task_scaling(name: str, settings: dict) -> dict:
         point.update(status="ok", ms=ms, us_per_atom=1e3 * ms / box.num_nodes, peak_mb=qt.peak_mb() - base,
                      warmup_calls=cold)
         if fast is not None:
+            gc.collect()
+            base = qt.rss_mb()
+            qt.reset_peak()
             warm = warm_up(lambda: fast(batch), low + extra, high + extra)
             compiled = 1e3 * statistics.median(timed(lambda: fast(batch), 0, settings["scaling_repeats"]))
             point.update(compiled_ms=compiled, compiled_us_per_atom=1e3 * compiled / box.num_nodes,
-                         compiled_warmup_calls=warm)
+                         compiled_peak_mb=qt.peak_mb() - base, compiled_warmup_calls=warm)
         points.append(point)
     return {"params": model.params if model else None, "description": model.description if model else None,
             "points": points}
