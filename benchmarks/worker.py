@@ -207,6 +207,17 @@ def warm_up(fn, minimum: int, maximum: int) -> list:
     return calls
 
 
+def measure(fn, minimum: int, maximum: int, repeats: int) -> tuple:
+    """(median ms of ``repeats`` calls after :func:`warm_up`, peak MB above the resident set at the start, the
+    warm-up calls) of fn."""
+    gc.collect()
+    base = qt.rss_mb()
+    qt.reset_peak()
+    calls = warm_up(fn, minimum, maximum)
+    ms = 1e3 * statistics.median(timed(fn, 0, repeats))
+    return ms, qt.peak_mb() - base, calls
+
+
 def task_scaling(name: str, settings: dict) -> dict:
     """Energy+forces time of each water box (settings["box_sizes"]), one model built once for all boxes.
 
@@ -255,26 +266,17 @@ def task_scaling(name: str, settings: dict) -> dict:
 
                 fast = CompiledEnergyForces(model.module)
                 fast(batch)  # trace + compile once (not timed)
-        gc.collect()
-        base = qt.rss_mb()
-        qt.reset_peak()
+        repeats = settings["scaling_repeats"]
         try:
-            cold = warm_up(lambda: energy_forces(model, batch), low + extra, high + extra)
-            seconds = timed(lambda: energy_forces(model, batch), 0, settings["scaling_repeats"])
+            ms, peak_mb, cold = measure(lambda: energy_forces(model, batch), low + extra, high + extra, repeats)
         except (RuntimeError, MemoryError) as exc:
             points.append({**point, "status": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
             continue
-        ms = 1e3 * statistics.median(seconds)
-        point.update(status="ok", ms=ms, us_per_atom=1e3 * ms / box.num_nodes, peak_mb=qt.peak_mb() - base,
-                     warmup_calls=cold)
+        point.update(status="ok", ms=ms, us_per_atom=1e3 * ms / box.num_nodes, peak_mb=peak_mb, warmup_calls=cold)
         if fast is not None:
-            gc.collect()
-            base = qt.rss_mb()
-            qt.reset_peak()
-            warm = warm_up(lambda: fast(batch), low + extra, high + extra)
-            compiled = 1e3 * statistics.median(timed(lambda: fast(batch), 0, settings["scaling_repeats"]))
-            point.update(compiled_ms=compiled, compiled_us_per_atom=1e3 * compiled / box.num_nodes,
-                         compiled_peak_mb=qt.peak_mb() - base, compiled_warmup_calls=warm)
+            ms, peak_mb, warm = measure(lambda: fast(batch), low + extra, high + extra, repeats)
+            point.update(compiled_ms=ms, compiled_us_per_atom=1e3 * ms / box.num_nodes, compiled_peak_mb=peak_mb,
+                         compiled_warmup_calls=warm)
         points.append(point)
     return {"params": model.params if model else None, "description": model.description if model else None,
             "points": points}
