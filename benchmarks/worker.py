@@ -2,7 +2,8 @@
 
 Tasks (each returns a dict of numbers; times are medians over repeats after untimed warm-up calls):
     qm9      training mol/s (energy-only; energy+forces), inference mol/s, peak memory of each phase, and the
-             ATen op count / matmul-class FLOPs of one training step, on fixed batches of QM9 molecules.
+             ATen op count / matmul-class FLOPs of one training step, on fixed batches of QM9 molecules; for
+             molkern (settings["compile"]) also the compiled energy-only training step, see compiled_training.
     latency  one molecule's energy+forces (the ASE MD step; one torch thread) on fixed QM9 molecules, the
              vesin neighbour-list time for the same molecule, the op count of one such call and, for molkern,
              a whole step through molkern.calculator.MolkernCalculator (atoms moved, get_forces()), eager
@@ -110,12 +111,45 @@ def task_qm9(name: str, settings: dict) -> dict:
         row[f"{phase}_mol_per_s_best"] = num_mols / min(seconds)
         row[f"{phase}_peak_mb"] = qt.peak_mb() - baseline
     row["baseline_rss_mb"] = baseline
+    if settings["compile"] and hasattr(model.module, "graph_spec"):  # molkern: also the compiled training step
+        row.update(compiled_training(model, batches, optimizer, warmup, repeats, num_mols))
     model.module.train()
     for key, step in (("train_energy", train_energy), ("train_forces", train_forces)):
         counted = count_ops(lambda: step(batches[0]))
         row[f"{key}_ops"], row[f"{key}_matmul_flops"] = counted["ops"], counted["matmul_flops"]
         row[f"{key}_top_ops"] = counted["top_ops"]
     return row
+
+
+def compiled_training(model, batches, optimizer, warmup: int, repeats: int, num_mols: int) -> dict:
+    """The energy-only training step with forward and backward as one compiled graph (molkern.train.CompiledLoss,
+    one graph for every batch): one-off compile CPU seconds and mol/s as the eager phases."""
+    from molkern.train import CompiledLoss
+
+    compiled = CompiledLoss(model.module, lambda module, b: (model.energy(b) - b.target[:, 0]).abs().mean())
+
+    def step(batch):
+        optimizer.zero_grad(set_to_none=True)
+        compiled(batch).backward()
+        optimizer.step()
+
+    model.module.train()
+    t0 = time.process_time()
+    step(batches[0])
+    compile_s = time.process_time() - t0
+
+    def run():
+        for b in batches:
+            step(b)
+
+    gc.collect()
+    qt.reset_peak()
+    baseline = qt.rss_mb()
+    seconds = timed(run, warmup, repeats)
+    return {"train_energy_compiled_compile_cpu_s": compile_s,
+            "train_energy_compiled_mol_per_s": num_mols / statistics.median(seconds),
+            "train_energy_compiled_mol_per_s_best": num_mols / min(seconds),
+            "train_energy_compiled_peak_mb": qt.peak_mb() - baseline}
 
 
 def task_latency(name: str, settings: dict) -> dict:

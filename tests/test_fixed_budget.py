@@ -53,3 +53,18 @@ def test_quick_run(tmp_path, capsys):
         assert row["best_val_mae_mev"] == min(p["val_mae_mev"] for p in row["val_curve"])
     assert rows["molkern"]["kernel"]
     assert not list(out.parent.glob(".*tmp*"))  # atomic writes left no temporary files
+
+
+@pytest.mark.slow  # one Inductor compilation of a one-block molkern model
+def test_compiled_molkern_run(tmp_path):
+    """--compile: molkern's first step traces and compiles (counted in the budget); the run trains and tests."""
+    out = tmp_path / "fixed_budget.json"
+    main(["--quick", "--budget-s", "40", "--threads", "1", "--val-every", "1", "--models", "molkern", "--compile",
+          "--molkern", "lmax=1,num_channels=8,num_layers=1", "--root", str(tmp_path / "qm9"),
+          "--max-molecules", "300", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "ok", row["status"]
+    assert row["compiled"] and row["first_step_s"] == row["max_step_s"]  # the compiling step is the longest
+    assert row["budget_used_s"] >= row["first_step_s"] and row["steps"] > 1
+    assert math.isfinite(row["test_mae_mev"])
+    assert "molkern (compiled)" in out.with_suffix(".md").read_text()

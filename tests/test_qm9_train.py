@@ -113,6 +113,23 @@ def test_test_command_writes_mae_in_target_units(qm9_root, tmp_path, capsys):
     assert "Test MAE over 32 molecules" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # one Inductor compilation of the training step (~40 s of CPU)
+def test_compiled_training_steps_follow_eager(qm9_root, tmp_path):
+    """``--model.compile true``: the same fit (60 molecules: batches of 16, 16, 16, 12) to rounding."""
+    runs = {}
+    for compile in (False, True):
+        config = write_config(tmp_path / f"{compile}.yaml", qm9_root, tmp_path / f"runs_{compile}",
+                              trainer__max_epochs=2, data__train_subset=60, model__compile=compile)
+        main(["fit", "--config", str(config)])
+        runs[compile] = tmp_path / f"runs_{compile}" / "run" / "version_0"
+    for metric in ("train_loss", "val_loss"):
+        eager, compiled = read_metric(runs[False], metric), read_metric(runs[True], metric)
+        assert len(eager) == len(compiled) == 2, (eager, compiled)
+        for (_, a), (_, b) in zip(eager, compiled):
+            assert b == pytest.approx(a, rel=1e-3), (metric, eager, compiled)
+    assert load_module(runs[True] / "checkpoints" / "last.ckpt")._compiled_loss is None
+
+
 def test_unknown_keys_are_rejected(qm9_root, tmp_path):
     config = write_config(tmp_path / "c.yaml", qm9_root, tmp_path / "runs")
     with pytest.raises(SystemExit):

@@ -123,22 +123,35 @@ class ChannelwiseProduct(nn.Module):
 
     def arrange(self, products: torch.Tensor) -> torch.Tensor:
         """(R, irreps_out.dim) internal layout -> irreps_out's layout (a column permutation)."""
-        return PermuteColumns.apply(products, self._source_of_column, self._column_of_source)
+        return permute_columns(products, self._source_of_column, self._column_of_source)
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in} x {self.irreps_angular} -> {self.irreps_out}, {len(self.instructions)} paths"
 
 
-class PermuteColumns(torch.autograd.Function):
-    """x[..., perm] for a permutation perm; its backward is the inverse gather (autograd's default backward of
-    index_select, index_add_, is several times slower)."""
+@torch.library.custom_op("molkern::permute_columns", mutates_args=())
+def permute_columns(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x[..., perm] for a permutation perm (inverse = argsort(perm)), as one opaque operation.
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return torch.index_select(x, -1, perm)
+    Its backward is the inverse gather (autograd's default backward of index_select, index_add_, is several
+    times slower), differentiable again (force training). Opaque to compilers: a compiled graph stores the
+    result instead of fusing the permutation into its consumer (a row gather of permuted columns compiles into a
+    slow element-wise gather).
+    """
+    return torch.index_select(x, -1, perm)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return torch.index_select(grad, -1, inverse), None, None
+
+@permute_columns.register_fake
+def _(x, perm, inverse):
+    return x.new_empty(x.shape[:-1] + perm.shape)
+
+
+def _permute_columns_backward(ctx, grad):
+    return permute_columns(grad, ctx.inverse, ctx.perm), None, None
+
+
+def _permute_columns_setup(ctx, inputs, output):
+    _, ctx.perm, ctx.inverse = inputs
+
+
+permute_columns.register_autograd(_permute_columns_backward, setup_context=_permute_columns_setup)

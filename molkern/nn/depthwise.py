@@ -19,7 +19,8 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from .channelwise import PermuteColumns
+from .channelwise import permute_columns
+from .tracing import is_tracing_for_compile
 
 
 def _single_multiplicity(irreps: o3.Irreps, name: str) -> int:
@@ -119,12 +120,12 @@ class DepthwiseProduct(nn.Module):
 
     def prepare(self, node_feats: torch.Tensor) -> torch.Tensor:
         """e3nn layout -> head-major (H, d_in, U / H) layout, on nodes (before the gather)."""
-        return PermuteColumns.apply(node_feats, self._in_columns, self._in_inverse)
+        return permute_columns(node_feats, self._in_columns, self._in_inverse)
 
     def kernel_matrices(self, coefficients: torch.Tensor) -> torch.Tensor:
         """(E, irreps_coefficients.dim) -> (E * H, d_out, d_in): K[e, h] at row e * H + h."""
         per_head, d_in, d_out, _ = self._shape
-        c = PermuteColumns.apply(coefficients, self._coef_columns, self._coef_inverse)  # (E, H * per_head)
+        c = permute_columns(coefficients, self._coef_columns, self._coef_inverse)  # (E, H * per_head)
         return (c.view(-1, per_head) @ self._cg.to(c.dtype)).view(-1, d_out, d_in)
 
     def forward(self, x: torch.Tensor, coefficients: torch.Tensor, channel_weights=None) -> torch.Tensor:
@@ -138,12 +139,15 @@ class DepthwiseProduct(nn.Module):
         x = x.view(-1, d_in, per_head_channels)  # (E * H, d_in, U / H)
         if channel_weights is not None:
             x = x * channel_weights.reshape(-1, 1, per_head_channels)
-        messages = torch.bmm(kernels, x)  # (E * H, d_out, U / H)
-        return messages.view(num_edges, self.irreps_out.dim)
+        if is_tracing_for_compile():  # Inductor fuses this into one loop; eager would materialise (E H, d_out, d_in, U/H)
+            messages = (kernels[:, :, :, None] * x[:, None, :, :]).sum(2)  # (E * H, d_out, U / H)
+        else:
+            messages = torch.bmm(kernels, x)  # (E * H, d_out, U / H)
+        return messages.reshape(num_edges, self.irreps_out.dim)
 
     def arrange(self, products: torch.Tensor) -> torch.Tensor:
         """(R, irreps_out.dim) head-major -> irreps_out's e3nn layout."""
-        return PermuteColumns.apply(products, self._out_columns, self._out_inverse)
+        return permute_columns(products, self._out_columns, self._out_inverse)
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in} -> {self.irreps_out}, {self.heads} heads, {len(self.paths)} paths"

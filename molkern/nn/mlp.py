@@ -6,7 +6,7 @@ import torch
 from e3nn import nn as enn
 from e3nn import o3
 from torch import nn
-from .channelwise import PermuteColumns
+from .channelwise import permute_columns
 from .eager import eager_e3nn
 from .linear import Linear
 
@@ -80,7 +80,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._permute:
-            x = PermuteColumns.apply(x, self._columns, self._inverse)
+            x = permute_columns(x, self._columns, self._inverse)
         scalars, gates, gated = torch.split(x, self._sizes, dim=-1)
         scalars = self.act_scalars(scalars)
         if not self._gated:

@@ -1,7 +1,7 @@
 """Training: LightningModules, DataModules and single-run helpers."""
 
 from .checkpoint import load_checkpoint, load_module
-from .compiled import CompiledEnergyForces
+from .compiled import CompiledEnergyForces, CompiledLoss
 from .energy import AtomsDataModule, EnergyModule
 from .nbody import GROUPS, NBodyDataModule, NBodyModule, build_nbody_model, parameter_counts, train_nbody
 from .qm9 import QM9Module
@@ -10,6 +10,7 @@ from .qm9_datamodule import QM9DataModule
 __all__ = [
     "AtomsDataModule",
     "CompiledEnergyForces",
+    "CompiledLoss",
     "EnergyModule",
     "GROUPS",
     "NBodyDataModule",

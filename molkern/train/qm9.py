@@ -11,6 +11,7 @@ from ..data.qm9 import QM9
 from ..models import average_num_neighbors, build_model, normalize_activations
 from ..nn.scatter import scatter_sum
 from .checkpoint import CheckpointMixin
+from .compiled import CompiledLoss
 from .optim import configure_adamw
 from .report import write_test_report
 
@@ -33,6 +34,9 @@ class QM9Module(CheckpointMixin, L.LightningModule):
         data_init: rescale the blocks on the first training batch (LSUV) at the start of a fresh fit.
         graph, cutoff: the molecular graph the model reads ("bonds" or "radius" with a cutoff in Angstrom);
             taken from the datamodule at fit time and kept in the checkpoint for prediction.
+        compile: run each training step's forward and backward as one compiled graph
+            (:class:`molkern.train.compiled.CompiledLoss`; same gradients, about 1.8x faster steps on CPU at
+            lmax 2) after a one-off compilation of one to two minutes. Validation, test and prediction are eager.
 
     Normalisation (buffers, fitted on the training split): intensive targets y = std * out_mean + mean;
     extensive targets (EXTENSIVE) y = std * out_sum / sqrt(mean N) + N * mean_per_atom.
@@ -58,6 +62,7 @@ class QM9Module(CheckpointMixin, L.LightningModule):
         data_init: bool = True,
         graph: str = "bonds",
         cutoff: Optional[float] = None,
+        compile: bool = False,
     ):
         super().__init__()
         names = list(QM9.target_names) if targets == "all" else [targets] if isinstance(targets, str) else list(targets)
@@ -85,6 +90,7 @@ class QM9Module(CheckpointMixin, L.LightningModule):
         # extensive outputs are sums of ~N unit-scale atom terms: scaled by 1/sqrt(mean N) to start near unit scale
         self.register_buffer("sum_scale", torch.tensor(18.0**-0.5))
         self._test_outputs: List[torch.Tensor] = []
+        self._compiled_loss: Optional[CompiledLoss] = None  # built on the first compiled training step
 
     # ------------------------------------------------------------------ protocol (see checkpoint.TaskModule)
 
@@ -112,10 +118,11 @@ class QM9Module(CheckpointMixin, L.LightningModule):
         return torch.where(self.extensive, summed * self.sum_scale, summed / counts)
 
     def _atoms_per_graph(self, batch) -> torch.Tensor:
-        return torch.bincount(batch.batch, minlength=batch.num_graphs)[:, None]  # (B, 1)
+        ones = torch.ones_like(batch.batch, dtype=self.mean.dtype)[:, None]  # (N, 1)
+        return scatter_sum(ones, batch.batch, batch.num_graphs)  # (B, 1); traceable, unlike bincount
 
     def _offset(self, batch) -> torch.Tensor:
-        counts = self._atoms_per_graph(batch).to(self.mean.dtype)  # (B, 1)
+        counts = self._atoms_per_graph(batch)  # (B, 1)
         return torch.where(self.extensive, counts * self.mean, self.mean)  # (B, T)
 
     def predict_properties(self, batch) -> torch.Tensor:
@@ -170,21 +177,37 @@ class QM9Module(CheckpointMixin, L.LightningModule):
             edge_attr = batch.edge_attr if self.model.irreps_edge_attr.dim > 0 else None
             normalize_activations(self.model, batch.pos, batch.node_attr, batch.edge_index, edge_attr, batch.batch)
 
+    def _normalized_target(self, batch) -> torch.Tensor:
+        return (batch.y[:, self.target_cols].to(self.std.dtype) - self._offset(batch)) / self.std  # (B, T)
+
+    def loss(self, batch) -> torch.Tensor:
+        """The training loss: mean L1 error of the normalised predictions (0-dim)."""
+        pred = self(batch)  # (B, T)
+        return (pred - self._normalized_target(batch).to(pred.dtype)).abs().mean()
+
     def _step(self, batch, stage: str) -> torch.Tensor:
-        target = (batch.y[:, self.target_cols].to(self.std.dtype) - self._offset(batch)) / self.std  # (B, T)
+        target = self._normalized_target(batch)  # (B, T)
         pred = self(batch)  # (B, T)
         loss = (pred - target.to(pred.dtype)).abs().mean()
-        sync = stage != "train"
         self.log(f"{stage}_loss", loss, batch_size=batch.num_graphs, prog_bar=True, on_step=False, on_epoch=True,
-                 sync_dist=sync)
-        if stage != "train":
-            mae = ((pred.detach().to(self.std.dtype) - target).abs() * self.std).mean(0)  # (T,) target units
-            for name, value in zip(self.target_names, mae):
-                self.log(f"{stage}_mae_{name}", value.float(), batch_size=batch.num_graphs, sync_dist=True)
+                 sync_dist=True)
+        mae = ((pred.detach().to(self.std.dtype) - target).abs() * self.std).mean(0)  # (T,) target units
+        for name, value in zip(self.target_names, mae):
+            self.log(f"{stage}_mae_{name}", value.float(), batch_size=batch.num_graphs, sync_dist=True)
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        if self.hparams.compile:
+            if self._compiled_loss is None:
+                self._compiled_loss = CompiledLoss(self, QM9Module.loss)
+            loss = self._compiled_loss(batch)
+        else:
+            loss = self.loss(batch)
+        self.log("train_loss", loss, batch_size=batch.num_graphs, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    def on_fit_end(self):
+        self._compiled_loss = None  # the compiled graphs hold the module: not kept past the fit
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
