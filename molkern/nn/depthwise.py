@@ -139,7 +139,7 @@ class DepthwiseProduct(nn.Module):
         x = x.view(-1, d_in, per_head_channels)  # (E * H, d_in, U / H)
         if channel_weights is not None:
             x = x * channel_weights.reshape(-1, 1, per_head_channels)
-        if is_tracing_for_compile():  # Inductor fuses this into one loop; eager would materialise (E H, d_out, d_in, U/H)
+        if is_tracing_for_compile():  # one fused loop in Inductor (eager would materialise the 4-d product)
             messages = (kernels[:, :, :, None] * x[:, None, :, :]).sum(2)  # (E * H, d_out, U / H)
         else:
             messages = torch.bmm(kernels, x)  # (E * H, d_out, U / H)
