@@ -26,7 +26,7 @@ as ``QM9Module`` does at the start of a fit) is counted in its budget.
 
 ``--compile``: molkern's training steps run as one compiled graph each (``molkern.train.CompiledLoss``: forward
 and backward traced once and compiled by Inductor). The compilation happens in the first step and is counted in
-the budget (``compile_s``; with ``--clock cpu`` only this process's share of it, Inductor's C++ compiler runs in
+the budget (``first_step_s``; with ``--clock cpu`` only this process's share of it, Inductor's C++ compiler runs in
 child processes: use the wall clock with --compile). The PyG models run eagerly.
 
 Budget: the time spent in training steps (forward, loss, backward, clipping, optimizer step; DimeNet++'s triplet

@@ -200,7 +200,7 @@ class CompiledLoss:
 
     One graph per set of batch fields (name, dtype, rank) and training mode; sizes (atoms, edges, structures)
     are symbolic. A batch without edges or with a single structure runs eagerly. Compiling takes one to two
-    minutes for an lmax 2 model (10-20 s with Inductor's disk cache).
+    minutes of CPU for an lmax 2 model (under half that with Inductor's disk cache).
 
     Args:
         module: the trainable module; not modified.

@@ -35,8 +35,9 @@ class QM9Module(CheckpointMixin, L.LightningModule):
         graph, cutoff: the molecular graph the model reads ("bonds" or "radius" with a cutoff in Angstrom);
             taken from the datamodule at fit time and kept in the checkpoint for prediction.
         compile: run each training step's forward and backward as one compiled graph
-            (:class:`molkern.train.compiled.CompiledLoss`; same gradients, about 1.8x faster steps on CPU at
-            lmax 2) after a one-off compilation of one to two minutes. Validation, test and prediction are eager.
+            (:class:`molkern.train.compiled.CompiledLoss`; same gradients; QM9 steps of the lmax 2 default model
+            1.8x faster on one CPU thread, 1.4x on two) after a one-off compilation of one to three minutes.
+            Validation, test and prediction are eager.
 
     Normalisation (buffers, fitted on the training split): intensive targets y = std * out_mean + mean;
     extensive targets (EXTENSIVE) y = std * out_sum / sqrt(mean N) + N * mean_per_atom.
