@@ -79,17 +79,30 @@ def _without_size_guards(compiled: Callable) -> Callable:
     """
     from torch.fx.experimental import _config as fx_config
 
+    kernel, original, replacement = _sum_accumulation_without_guard()
+
+    def call(*args):
+        if kernel is not None:
+            kernel.need_use_acc_helper = replacement
+        try:
+            with fx_config.patch(use_duck_shape=False):
+                return compiled(*args)
+        finally:
+            if kernel is not None:
+                kernel.need_use_acc_helper = original
+
+    return call
+
+
+def _sum_accumulation_without_guard():
+    """(CppKernel, its need_use_acc_helper, a replacement that decides without a size guard); Nones without it."""
     try:
         from torch._inductor.codegen.cpp import CppKernel
         from torch._inductor.virtualized import V
 
         original = CppKernel.need_use_acc_helper
     except (ImportError, AttributeError):
-        def plain(*args):
-            with fx_config.patch(use_duck_shape=False):
-                return compiled(*args)
-
-        return plain
+        return None, None, None
 
     def need_use_acc_helper(self, reduction_type, dtype, use_scalar):
         if reduction_type == "sum" and dtype == torch.float:
@@ -97,15 +110,7 @@ def _without_size_guards(compiled: Callable) -> Callable:
             return not V.graph.sizevars.statically_known_leq(length, 4096)
         return original(self, reduction_type, dtype, use_scalar)
 
-    def call(*args):
-        CppKernel.need_use_acc_helper = need_use_acc_helper
-        try:
-            with fx_config.patch(use_duck_shape=False):
-                return compiled(*args)
-        finally:
-            CppKernel.need_use_acc_helper = original
-
-    return call
+    return CppKernel, original, need_use_acc_helper
 
 
 def _replace_sym_numel(graph: torch.fx.GraphModule) -> None:
