@@ -210,8 +210,9 @@ def run_model(name: str, args) -> dict:
         if steps == 0 and name == "molkern":  # QM9Module's data_init (LSUV on the first batch), counted
             from molkern.models import normalize_activations
 
+            edge_attr = batch.edge_attr if model.model.irreps_edge_attr.dim > 0 else None  # bond-conditioned
             with torch.no_grad():
-                normalize_activations(model.model, batch.pos, batch.node_attr, batch.edge_index, None, batch.batch)
+                normalize_activations(model.model, batch.pos, batch.node_attr, batch.edge_index, edge_attr, batch.batch)
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(used / budget)
         optimizer.zero_grad(set_to_none=True)

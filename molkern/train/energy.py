@@ -16,6 +16,7 @@ component), ``{stage}_stress_mae`` (meV/A^3, when the data has stress).
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import os
@@ -98,6 +99,10 @@ class EnergyModule(CheckpointMixin, L.LightningModule):
         lr, weight_decay, scheduler ("cosine" | "plateau" | "none"), warmup_epochs, min_lr_ratio: AdamW and its
             schedule (:func:`molkern.train.optim.configure_adamw`).
         data_init: LSUV-rescale the blocks on a training batch at the start of a fresh fit.
+        compile: run each training step (energy, forces by autograd, loss, and the gradients of it all) as one
+            compiled graph (:class:`molkern.train.compiled.CompiledLoss`; same gradients) after a one-off
+            compilation of a few minutes; one graph for batches with stress labels, one for those without.
+            Only ``train_loss`` is logged for training steps. Validation, test and prediction are eager.
 
     Buffers (fitted on the training split at the start of a fresh fit): ``species_energy`` (K,) eV,
     ``energy_scale`` () eV/A, ``avg_num_neighbors`` () (mean in-degree, restored into the convolutions
@@ -119,6 +124,7 @@ class EnergyModule(CheckpointMixin, L.LightningModule):
         warmup_epochs: float = 0.0,
         min_lr_ratio: float = 0.01,
         data_init: bool = True,
+        compile: bool = False,
     ):
         super().__init__()
         self.elements = element_numbers(elements)
@@ -145,6 +151,7 @@ class EnergyModule(CheckpointMixin, L.LightningModule):
         avg = config["avg_num_neighbors"]
         self.register_buffer("avg_num_neighbors", torch.tensor(1.0 if avg == AUTO else float(avg), dtype=torch.float64))
         self.register_load_state_dict_post_hook(lambda module, keys: module._sync_avg_num_neighbors())
+        self._compiled_losses: Dict[bool, Any] = {}  # with stress? -> CompiledLoss, built on first use
 
     # ------------------------------------------------------------------ protocol (see checkpoint.TaskModule)
 
@@ -253,6 +260,52 @@ class EnergyModule(CheckpointMixin, L.LightningModule):
 
     # ------------------------------------------------------------------------------------ training
 
+    def _needs_stress(self, batch, train: bool) -> bool:
+        return bool(batch.has_stress.any()) and (self.hparams.stress_weight > 0 or not train)
+
+    def _errors(self, batch, train: bool, stress: bool) -> Dict[str, tuple]:
+        """Per-label errors and their label masks, without data-dependent shapes (traceable by CompiledLoss).
+
+        Returns {"energy": ((G,) eV/atom, (G,) mask), "forces": ((N, 3) eV/A, (N, 3) mask), "stress":
+        ((G, 3, 3) eV/A^3, (G, 3, 3) mask, (G, 3, 3) virial error eV/atom)}; errors are 0 where the mask is 0.
+        ``train=True`` keeps the graph for backward and skips forces whose loss weight is zero.
+        """
+        need_forces = self.hparams.forces_weight > 0 or not train
+        out = energy_forces_stress(self, batch, need_forces, stress, create_graph=train)
+        ones = torch.ones_like(batch.batch, dtype=torch.float64)  # (N,)
+        natoms = scatter_sum(ones, batch.batch, batch.num_graphs)  # (G,); traceable, unlike bincount
+        e_err = (out["energy"].double() - batch.energy.double()) / natoms  # (G,) eV/atom
+        errors = {"energy": (e_err, torch.ones_like(e_err))}
+        if need_forces:
+            mask = batch.has_forces[batch.batch, None].expand(-1, 3)  # (N, 3)
+            f_err = torch.where(mask, out["forces"] - batch.forces.to(out["forces"].dtype), 0.0)  # (N, 3) eV/A
+            errors["forces"] = (f_err, mask.to(f_err.dtype))
+        if stress:
+            mask = batch.has_stress[:, None, None].expand(-1, 3, 3)  # (G, 3, 3)
+            # where, not a product: unlabelled structures may have zero volume (NaN stress)
+            s_err = torch.where(mask, out["stress"] - batch.stress.to(out["stress"].dtype), 0.0)  # eV/A^3
+            volume = torch.linalg.det(batch.cell.double()).abs()  # (G,)
+            virial = s_err.double() * (volume / natoms)[:, None, None]  # (G, 3, 3) eV/atom
+            errors["stress"] = (s_err, mask.to(s_err.dtype), virial)
+        return errors
+
+    def loss(self, batch, stress: bool = False) -> torch.Tensor:
+        """The training loss (0-dim, dimensionless; see the module docstring), traceable for CompiledLoss.
+
+        stress: include the stress term (the batch has stress labels and ``stress_weight > 0``).
+        """
+        return self._loss(self._errors(batch, True, stress))
+
+    def _loss(self, errors: Dict[str, tuple]) -> torch.Tensor:
+        hp, scale = self.hparams, self.energy_scale
+        weights = {"energy": hp.energy_weight, "forces": hp.forces_weight, "stress": hp.stress_weight}
+        loss = torch.zeros((), dtype=torch.float64, device=scale.device)
+        for name, (err, mask, *virial) in errors.items():
+            err = (virial[0] if virial else err).double()  # the stress term weighs the virial per atom
+            mean_sq = (err / scale).pow(2).sum() / mask.sum().clamp(min=1)  # mean over the labelled components
+            loss = loss + weights[name] * mean_sq
+        return loss
+
     def loss_and_metrics(self, batch, train: bool = False):
         """The loss (dimensionless, see the module docstring) and the metrics of one batch.
 
@@ -261,29 +314,13 @@ class EnergyModule(CheckpointMixin, L.LightningModule):
             stress_mae (meV/A^3, when the batch has stress); ``train=True`` keeps the graph for backward and
             skips derivatives whose loss weight is zero.
         """
-        hp = self.hparams
-        has_stress = bool(batch.has_stress.any())
-        need_forces = hp.forces_weight > 0 or not train
-        need_stress = has_stress and (hp.stress_weight > 0 or not train)
-        out = energy_forces_stress(self, batch, need_forces, need_stress, create_graph=train)
-        scale = self.energy_scale
-        natoms = torch.bincount(batch.batch, minlength=batch.num_graphs).to(torch.float64)  # (G,)
-        e_err = (out["energy"].double() - batch.energy.double()) / natoms  # (G,) eV/atom
-        loss = hp.energy_weight * (e_err / scale).pow(2).mean()
-        metrics = {"energy_mae": (1000 * e_err.detach().abs().mean(), batch.num_graphs)}
-        if need_forces:
-            mask = batch.has_forces[batch.batch]  # (N,)
-            f_err = (out["forces"] - batch.forces.to(out["forces"].dtype))[mask]  # (N', 3) eV/A
-            if f_err.numel():
-                loss = loss + hp.forces_weight * (f_err.double() / scale).pow(2).mean()
-                metrics["forces_mae"] = (1000 * f_err.detach().abs().mean(), f_err.numel())
-        if need_stress:
-            s_err = (out["stress"] - batch.stress.to(out["stress"].dtype))[batch.has_stress]  # (G', 3, 3) eV/A^3
-            volume = torch.linalg.det(batch.cell[batch.has_stress].double()).abs()  # (G',)
-            virial = s_err.double() * (volume / natoms[batch.has_stress])[:, None, None]  # eV/atom
-            loss = loss + hp.stress_weight * (virial / scale).pow(2).mean()
-            metrics["stress_mae"] = (1000 * s_err.detach().abs().mean(), s_err.numel())
-        return loss, metrics
+        errors = self._errors(batch, train, self._needs_stress(batch, train))
+        metrics = {}
+        for name, (err, mask, *_) in errors.items():
+            count = int(mask.sum())
+            if count:
+                metrics[f"{name}_mae"] = (1000 * err.detach().abs().sum() / count, count)
+        return self._loss(errors), metrics
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         train = stage == "train"
@@ -295,7 +332,19 @@ class EnergyModule(CheckpointMixin, L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        if not self.hparams.compile:
+            return self._step(batch, "train")
+        from .compiled import CompiledLoss  # compiled imports this module
+
+        stress = self._needs_stress(batch, True)
+        if stress not in self._compiled_losses:
+            self._compiled_losses[stress] = CompiledLoss(self, functools.partial(EnergyModule.loss, stress=stress))
+        loss = self._compiled_losses[stress](batch)
+        self.log("train_loss", loss.float(), batch_size=batch.num_graphs, prog_bar=True)
+        return loss
+
+    def on_fit_end(self):
+        self._compiled_losses = {}  # the compiled graphs hold the module: not kept past the fit
 
     def _eval_step(self, batch, stage: str):
         # Lightning evaluates under inference mode; forces need autograd on ordinary (cloned) tensors
