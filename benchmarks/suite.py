@@ -45,9 +45,10 @@ METHOD = {
     "training": "energy-only step = forward, L1 loss on the normalised U0 target, backward, AdamW step; "
                 "energy+forces step = the same plus forces = -dE/dpos by autograd (create_graph) with an L1 "
                 "loss against zero force labels (QM9 has no forces; only the cost matters). mol/s = molecules "
-                "per pass over the fixed batches / median pass time. 'compiled' (molkern, full mode): the "
-                "energy-only step with forward and backward as one compiled graph (molkern.train.CompiledLoss; "
-                "compiled once, untimed, its CPU seconds in the JSON); the peers run eagerly.",
+                "per pass over the fixed batches / median pass time. 'compiled' (molkern, full mode): each of the "
+                "two steps with forward and backward (for E+F: the forces' double backward) as one compiled graph "
+                "(molkern.train.CompiledLoss; compiled once, untimed, its CPU seconds in the JSON); the peers run "
+                "eagerly.",
     "inference": "model.eval(), energies under torch.no_grad().",
     "latency": "one molecule, energy + forces by autograd, one torch thread, graph prebuilt; median over "
                "repeats, then median over the molecules. The vesin neighbour list of the same molecule is timed "

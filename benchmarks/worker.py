@@ -78,17 +78,21 @@ def task_qm9(name: str, settings: dict) -> dict:
             for b in batches:
                 model.energy(b)
 
-    def train_energy(batch):
-        optimizer.zero_grad(set_to_none=True)
-        (model.energy(batch) - batch.target[:, 0]).abs().mean().backward()
-        optimizer.step()
+    def energy_loss(module, batch):  # module is model.module (the argument CompiledLoss passes)
+        return (model.energy(batch) - batch.target[:, 0]).abs().mean()
 
-    def train_forces(batch):  # QM9 has no forces: zero force labels, the cost is what is measured
-        optimizer.zero_grad(set_to_none=True)
+    def forces_loss(module, batch):  # QM9 has no forces: zero force labels, the cost is what is measured
         energy, forces = energy_forces(model, batch, create_graph=True)
-        ((energy - batch.target[:, 0]).abs().mean() + forces.abs().mean()).backward()
-        optimizer.step()
+        return (energy - batch.target[:, 0]).abs().mean() + forces.abs().mean()
 
+    def step_of(loss_fn):
+        def step(batch):
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model.module, batch).backward()
+            optimizer.step()
+        return step
+
+    losses = {"train_energy": energy_loss, "train_forces": forces_loss}
     def passes(step):
         def run():
             model.module.train()
@@ -102,8 +106,7 @@ def task_qm9(name: str, settings: dict) -> dict:
     num_mols = len(batches) * settings["batch_size"]
     gc.collect()
     baseline = qt.rss_mb()
-    for phase, run in (("inference", infer), ("train_energy", passes(train_energy)),
-                       ("train_forces", passes(train_forces))):
+    for phase, run in (("inference", infer), *((key, passes(step_of(loss))) for key, loss in losses.items())):
         gc.collect()
         qt.reset_peak()
         seconds = timed(run, warmup, repeats)
@@ -111,23 +114,25 @@ def task_qm9(name: str, settings: dict) -> dict:
         row[f"{phase}_mol_per_s_best"] = num_mols / min(seconds)
         row[f"{phase}_peak_mb"] = qt.peak_mb() - baseline
     row["baseline_rss_mb"] = baseline
-    if settings["compile"] and hasattr(model.module, "graph_spec"):  # molkern: also the compiled training step
-        row.update(compiled_training(model, batches, optimizer, warmup, repeats, num_mols, baseline))
+    if settings["compile"] and hasattr(model.module, "graph_spec"):  # molkern: also the compiled training steps
+        for key, loss in losses.items():
+            row.update(compiled_training(key, model, loss, batches, optimizer, warmup, repeats, num_mols, baseline))
     model.module.train()
-    for key, step in (("train_energy", train_energy), ("train_forces", train_forces)):
-        counted = count_ops(lambda: step(batches[0]))
+    for key, loss in losses.items():
+        counted = count_ops(lambda: step_of(loss)(batches[0]))
         row[f"{key}_ops"], row[f"{key}_matmul_flops"] = counted["ops"], counted["matmul_flops"]
         row[f"{key}_top_ops"] = counted["top_ops"]
     return row
 
 
-def compiled_training(model, batches, optimizer, warmup: int, repeats: int, num_mols: int, baseline: float) -> dict:
-    """The energy-only training step with forward and backward as one compiled graph (molkern.train.CompiledLoss,
-    one graph for every batch): one-off compile CPU seconds, then mol/s and peak MB (over the eager phases'
-    ``baseline`` RSS) as the eager phases."""
+def compiled_training(phase: str, model, loss_fn, batches, optimizer, warmup: int, repeats: int, num_mols: int,
+                      baseline: float) -> dict:
+    """A training step (``phase``: train_energy, train_forces) with forward and backward as one compiled graph
+    (molkern.train.CompiledLoss over ``loss_fn``, one graph for every batch): one-off compile CPU seconds, then
+    mol/s and peak MB (over the eager phases' ``baseline`` RSS) as the eager phases."""
     from molkern.train import CompiledLoss
 
-    compiled = CompiledLoss(model.module, lambda module, b: (model.energy(b) - b.target[:, 0]).abs().mean())
+    compiled = CompiledLoss(model.module, loss_fn)
 
     def step(batch):
         optimizer.zero_grad(set_to_none=True)
@@ -146,10 +151,10 @@ def compiled_training(model, batches, optimizer, warmup: int, repeats: int, num_
     gc.collect()
     qt.reset_peak()
     seconds = timed(run, warmup, repeats)
-    return {"train_energy_compiled_compile_cpu_s": compile_s,
-            "train_energy_compiled_mol_per_s": num_mols / statistics.median(seconds),
-            "train_energy_compiled_mol_per_s_best": num_mols / min(seconds),
-            "train_energy_compiled_peak_mb": qt.peak_mb() - baseline}
+    return {f"{phase}_compiled_compile_cpu_s": compile_s,
+            f"{phase}_compiled_mol_per_s": num_mols / statistics.median(seconds),
+            f"{phase}_compiled_mol_per_s_best": num_mols / min(seconds),
+            f"{phase}_compiled_peak_mb": qt.peak_mb() - baseline}
 
 
 def task_latency(name: str, settings: dict) -> dict:

@@ -100,7 +100,8 @@ def molecule_graph(name, cutoff=5.0):
 MOLECULES = ["CH4", "H2O", "NH3", "C6H6", "CH3CH2OH", "CH3COOH", "HCOOH", "CF4"]
 
 
-@pytest.mark.parametrize("group, kernel", [("o3", "factorised"), ("so2", "factorised"), ("o3", "full"), ("o3", "standard")])
+@pytest.mark.parametrize("group, kernel", [("o3", "depthwise"), ("o3", "factorised"), ("so2", "factorised"), ("o3", "full"),
+                                           ("o3", "standard")])
 def test_fresh_network_outputs_are_of_order_one_on_real_molecules(group, kernel):
     graphs = [molecule_graph(m) for m in MOLECULES]
     avg = average_num_neighbors([g[2] for g in graphs], [g[0].shape[0] for g in graphs])
