@@ -166,7 +166,7 @@ def test_training_lowers_the_loss_and_checkpoint_reproduces_energies(emt_file, t
     torch.manual_seed(0)
     dm = AtomsDataModule(str(emt_file), elements=["Cu"], cutoff=4.0, train_fraction=0.8, val_fraction=0.2,
                          test_fraction=0.0, batch_size=4)
-    module = EnergyModule(["Cu"], model=MODEL, forces_weight=1.0, stress_weight=1.0, lr=1e-2, scheduler="none")
+    module = EnergyModule(["Cu"], model=MODEL, forces_weight=1.0, stress_weight=1.0, lr=3e-3, scheduler="none")
     trainer = _trainer(tmp_path, 1)
     trainer.fit(module, datamodule=dm)  # fits shifts, scale, avg_num_neighbors, LSUV; one epoch
     assert bool(module.fitted) and module.hparams.model["avg_num_neighbors"] > 5

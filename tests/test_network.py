@@ -126,6 +126,18 @@ def test_fresh_network_outputs_are_of_order_one_on_real_molecules(group, kernel)
         normalize_activations(net, *args, target_rms=0.5)
         after = normalize_activations(net, *args, target_rms=0.5)
         assert all(0.3 < r < 1.2 for r in after), after
+        if kernel != "standard":  # and the invariant kernel trunk's pre-activations at unit rms, so that the
+            # convolutions' outputs are not vanishingly small (linear_2 would otherwise be scaled up ~1000x)
+            trunk = [m for m in net.edge_embedding.trunk if isinstance(m, torch.nn.Linear)]
+            rms = {}
+            hooks = [m.register_forward_hook(lambda mod, a, out, m=m: rms.__setitem__(m, out.pow(2).mean().sqrt()))
+                     for m in trunk + [block.conv for block in net.blocks]]
+            net(*args)
+            for h in hooks:
+                h.remove()
+            for m in trunk:
+                torch.testing.assert_close(rms[m], torch.tensor(1.0), rtol=1e-3, atol=0)
+            assert all(rms[block.conv] > 0.01 for block in net.blocks), [rms[b.conv] for b in net.blocks]
 
 
 def test_output_kinds_vectors_and_logits():

@@ -8,8 +8,14 @@ from torch import nn
 
 @torch.no_grad()
 def normalize_activations(model: nn.Module, *inputs, target_rms: float = 0.5, **kw_inputs) -> List[float]:
-    """Rescale each block's `linear_2` and `self_connection` weights on one batch so each adds `target_rms`
-    to the gate's input.
+    """Rescale, on one batch, the invariant kernel trunk's linear layers to unit-rms outputs (layer by layer), then
+    each block's `linear_2` and `self_connection` weights so each adds `target_rms` to the gate's input.
+
+    Without the first step the trunk's default initialisation shrinks its output ~5x (the radial basis is small
+    and each SiLU layer shrinks it further), the kernel coefficients and channel weights (both linear in it)
+    come out ~0.04, and the convolutions' outputs ~1e-4 of their inputs; `linear_2` then had to be scaled up
+    ~1000x, where AdamW's steps barely move it. With it, the scale factors are ~10 and training converges
+    faster and tolerates larger learning rates (QM9 HOMO at a fixed budget: -12 %; see the README).
 
     The data-free initialisation keeps the outputs of a fresh network within a factor of ~10 of one on
     molecules, but the convolution's gain depends on the data (short edges with a long cutoff, fully
@@ -22,6 +28,14 @@ def normalize_activations(model: nn.Module, *inputs, target_rms: float = 0.5, **
     Returns:
         the rms of each block's gate input before rescaling.
     """
+    trunk = getattr(getattr(model, "edge_embedding", None), "trunk", None)
+    if isinstance(trunk, nn.Sequential):  # the invariant kernel trunk: unit-rms pre-activations, layer by layer
+        for layer in trunk:
+            if isinstance(layer, nn.Linear):
+                rms = _output_rms(model, layer, inputs, kw_inputs)
+                if rms > 0:
+                    layer.weight.mul_(1 / rms)
+                    layer.bias.mul_(1 / rms)
     before = []
     for block in getattr(model, "blocks", []):
         outs = {}
@@ -40,3 +54,14 @@ def normalize_activations(model: nn.Module, *inputs, target_rms: float = 0.5, **
             if rms > 0:
                 getattr(block, name).weight.mul_(target_rms / rms)
     return before
+
+
+def _output_rms(model: nn.Module, layer: nn.Module, inputs, kw_inputs) -> float:
+    """rms of ``layer``'s output in one forward pass of ``model``."""
+    out = []
+    hook = layer.register_forward_hook(lambda mod, args, output: out.append(output))
+    try:
+        model(*inputs, **kw_inputs)
+    finally:
+        hook.remove()
+    return float(out[0].pow(2).mean().sqrt())
