@@ -93,6 +93,7 @@ def task_qm9(name: str, settings: dict) -> dict:
         return step
 
     losses = {"train_energy": energy_loss, "train_forces": forces_loss}
+
     def passes(step):
         def run():
             model.module.train()
