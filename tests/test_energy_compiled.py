@@ -29,7 +29,8 @@ def mixed_loader(tmp_path_factory):
 
 def fitted_module(loader, **kw):
     torch.manual_seed(0)
-    module = EnergyModule(["Cu"], model={**MODEL, "avg_num_neighbors": 30.0}, stress_weight=0.5, **kw)
+    # one block: the compiled graphs (double backward) are large, and one block exercises every operation
+    module = EnergyModule(["Cu"], model={**MODEL, "num_layers": 1, "avg_num_neighbors": 30.0}, stress_weight=0.5, **kw)
     module.fit_statistics(loader)
     module.initialize(next(iter(loader)))
     return module
