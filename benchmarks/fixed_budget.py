@@ -411,7 +411,8 @@ def main(argv=None):
     settings = {
         "budget_s": args.budget_s, "clock": args.clock, "threads": args.threads, "models": names,
         "train_subset": args.train_subset, "val_subset": args.val_subset, "test_subset": args.test_subset,
-        "val_every": args.val_every, "seed": args.seed, "compile_molkern": args.compile, "root": str(args.root), "max_molecules": args.max_molecules,
+        "val_every": args.val_every, "seed": args.seed, "compile_molkern": args.compile, "root": str(args.root),
+        "max_molecules": args.max_molecules,
         "quick": args.quick, "target": TARGET, "units": "meV", "split": SPLIT, "graph": "radius", "cutoff": CUTOFF,
         "edge_attr": "none", "batch_size": BATCH_SIZE, "eval_batch_size": EVAL_BATCH_SIZE,
         "optimizer": {"name": "AdamW", "lr": args.lr_map, "weight_decay": WEIGHT_DECAY,

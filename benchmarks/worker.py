@@ -3,7 +3,7 @@
 Tasks (each returns a dict of numbers; times are medians over repeats after untimed warm-up calls):
     qm9      training mol/s (energy-only; energy+forces), inference mol/s, peak memory of each phase, and the
              ATen op count / matmul-class FLOPs of one training step, on fixed batches of QM9 molecules; for
-             molkern (settings["compile"]) also the compiled energy-only training step, see compiled_training.
+             molkern (settings["compile"]) also both training steps compiled, see compiled_training.
     latency  one molecule's energy+forces (the ASE MD step; one torch thread) on fixed QM9 molecules, the
              vesin neighbour-list time for the same molecule, the op count of one such call and, for molkern,
              a whole step through molkern.calculator.MolkernCalculator (atoms moved, get_forces()), eager

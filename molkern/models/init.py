@@ -32,36 +32,31 @@ def normalize_activations(model: nn.Module, *inputs, target_rms: float = 0.5, **
     if isinstance(trunk, nn.Sequential):  # the invariant kernel trunk: unit-rms pre-activations, layer by layer
         for layer in trunk:
             if isinstance(layer, nn.Linear):
-                rms = _output_rms(model, layer, inputs, kw_inputs)
+                (out,) = _outputs(model, [layer], inputs, kw_inputs)
+                rms = float(out.pow(2).mean().sqrt())
                 if rms > 0:
                     layer.weight.mul_(1 / rms)
                     layer.bias.mul_(1 / rms)
     before = []
     for block in getattr(model, "blocks", []):
-        outs = {}
-        hooks = [
-            getattr(block, name).register_forward_hook(lambda mod, args, out, name=name: outs.__setitem__(name, out))
-            for name in ("linear_2", "self_connection")
-        ]
-        try:
-            model(*inputs, **kw_inputs)
-        finally:
-            for h in hooks:
-                h.remove()
-        before.append(float((outs["linear_2"] + outs["self_connection"]).pow(2).mean().sqrt()))
-        for name, out in outs.items():
+        layers = [block.linear_2, block.self_connection]
+        outs = _outputs(model, layers, inputs, kw_inputs)
+        before.append(float(sum(outs).pow(2).mean().sqrt()))
+        for layer, out in zip(layers, outs):
             rms = float(out.pow(2).mean().sqrt())
             if rms > 0:
-                getattr(block, name).weight.mul_(target_rms / rms)
+                layer.weight.mul_(target_rms / rms)
     return before
 
 
-def _output_rms(model: nn.Module, layer: nn.Module, inputs, kw_inputs) -> float:
-    """rms of ``layer``'s output in one forward pass of ``model``."""
-    out = []
-    hook = layer.register_forward_hook(lambda mod, args, output: out.append(output))
+def _outputs(model: nn.Module, layers, inputs, kw_inputs) -> list:
+    """The outputs of ``layers`` (submodules of ``model``) in one forward pass of ``model``."""
+    outs = {}
+    hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: outs.__setitem__(i, out))
+             for i, layer in enumerate(layers)]
     try:
         model(*inputs, **kw_inputs)
     finally:
-        hook.remove()
-    return float(out[0].pow(2).mean().sqrt())
+        for hook in hooks:
+            hook.remove()
+    return [outs[i] for i in range(len(layers))]

@@ -30,7 +30,7 @@ from torch_geometric.loader import DataLoader
 from ..io import atomic_write
 from ..data.atoms import AtomsDataset, element_numbers
 from ..models import MolkernNet, average_num_neighbors, build_model, normalize_activations
-from ..nn.scatter import scatter_sum
+from ..nn.scatter import scatter_count, scatter_sum
 from .checkpoint import CheckpointMixin
 from .optim import configure_adamw
 
@@ -266,27 +266,27 @@ class EnergyModule(CheckpointMixin, L.LightningModule):
     def _errors(self, batch, train: bool, stress: bool) -> Dict[str, tuple]:
         """Per-label errors and their label masks, without data-dependent shapes (traceable by CompiledLoss).
 
-        Returns {"energy": ((G,) eV/atom, (G,) mask), "forces": ((N, 3) eV/A, (N, 3) mask), "stress":
-        ((G, 3, 3) eV/A^3, (G, 3, 3) mask, (G, 3, 3) virial error eV/atom)}; errors are 0 where the mask is 0.
+        Returns {name: (error, error the loss weighs, mask)}: "energy" (G,) eV/atom (weighed as is), "forces"
+        (N, 3) eV/A (as is), "stress" (G, 3, 3) eV/A^3 (weighed as the virial error per atom, eV/atom); errors
+        are 0 where the mask is 0.
         ``train=True`` keeps the graph for backward and skips forces whose loss weight is zero.
         """
         need_forces = self.hparams.forces_weight > 0 or not train
         out = energy_forces_stress(self, batch, need_forces, stress, create_graph=train)
-        ones = torch.ones_like(batch.batch, dtype=torch.float64)  # (N,)
-        natoms = scatter_sum(ones, batch.batch, batch.num_graphs)  # (G,); traceable, unlike bincount
+        natoms = scatter_count(batch.batch, batch.num_graphs, torch.float64)  # (G,)
         e_err = (out["energy"].double() - batch.energy.double()) / natoms  # (G,) eV/atom
-        errors = {"energy": (e_err, torch.ones_like(e_err))}
+        errors = {"energy": (e_err, e_err, torch.ones_like(e_err))}
         if need_forces:
             mask = batch.has_forces[batch.batch, None].expand(-1, 3)  # (N, 3)
             f_err = torch.where(mask, out["forces"] - batch.forces.to(out["forces"].dtype), 0.0)  # (N, 3) eV/A
-            errors["forces"] = (f_err, mask.to(f_err.dtype))
+            errors["forces"] = (f_err, f_err, mask.to(f_err.dtype))
         if stress:
             mask = batch.has_stress[:, None, None].expand(-1, 3, 3)  # (G, 3, 3)
             # where, not a product: unlabelled structures may have zero volume (NaN stress)
             s_err = torch.where(mask, out["stress"] - batch.stress.to(out["stress"].dtype), 0.0)  # eV/A^3
             volume = torch.linalg.det(batch.cell.double()).abs()  # (G,)
             virial = s_err.double() * (volume / natoms)[:, None, None]  # (G, 3, 3) eV/atom
-            errors["stress"] = (s_err, mask.to(s_err.dtype), virial)
+            errors["stress"] = (s_err, virial, mask.to(s_err.dtype))
         return errors
 
     def loss(self, batch, stress: bool = False) -> torch.Tensor:
@@ -300,9 +300,8 @@ class EnergyModule(CheckpointMixin, L.LightningModule):
         hp, scale = self.hparams, self.energy_scale
         weights = {"energy": hp.energy_weight, "forces": hp.forces_weight, "stress": hp.stress_weight}
         loss = torch.zeros((), dtype=torch.float64, device=scale.device)
-        for name, (err, mask, *virial) in errors.items():
-            err = (virial[0] if virial else err).double()  # the stress term weighs the virial per atom
-            mean_sq = (err / scale).pow(2).sum() / mask.sum().clamp(min=1)  # mean over the labelled components
+        for name, (_, err, mask) in errors.items():
+            mean_sq = (err.double() / scale).pow(2).sum() / mask.sum().clamp(min=1)  # over the labelled components
             loss = loss + weights[name] * mean_sq
         return loss
 
@@ -316,7 +315,7 @@ class EnergyModule(CheckpointMixin, L.LightningModule):
         """
         errors = self._errors(batch, train, self._needs_stress(batch, train))
         metrics = {}
-        for name, (err, mask, *_) in errors.items():
+        for name, (err, _, mask) in errors.items():
             count = int(mask.sum())
             if count:
                 metrics[f"{name}_mae"] = (1000 * err.detach().abs().sum() / count, count)

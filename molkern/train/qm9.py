@@ -9,7 +9,7 @@ import torch
 from ..data.bonds import ATOMIC_NUMBERS
 from ..data.qm9 import QM9
 from ..models import average_num_neighbors, build_model, normalize_activations
-from ..nn.scatter import scatter_sum
+from ..nn.scatter import scatter_count, scatter_sum
 from .checkpoint import CheckpointMixin
 from .compiled import CompiledLoss
 from .optim import configure_adamw
@@ -119,8 +119,7 @@ class QM9Module(CheckpointMixin, L.LightningModule):
         return torch.where(self.extensive, summed * self.sum_scale, summed / counts)
 
     def _atoms_per_graph(self, batch) -> torch.Tensor:
-        ones = torch.ones_like(batch.batch, dtype=self.mean.dtype)[:, None]  # (N, 1)
-        return scatter_sum(ones, batch.batch, batch.num_graphs)  # (B, 1); traceable, unlike bincount
+        return scatter_count(batch.batch, batch.num_graphs, self.mean.dtype)[:, None]  # (B, 1)
 
     def _offset(self, batch) -> torch.Tensor:
         counts = self._atoms_per_graph(batch)  # (B, 1)
@@ -183,13 +182,16 @@ class QM9Module(CheckpointMixin, L.LightningModule):
 
     def loss(self, batch) -> torch.Tensor:
         """The training loss: mean L1 error of the normalised predictions (0-dim)."""
-        pred = self(batch)  # (B, T)
-        return (pred - self._normalized_target(batch).to(pred.dtype)).abs().mean()
+        return self._predictions_and_loss(batch)[2]
 
-    def _step(self, batch, stage: str) -> torch.Tensor:
+    def _predictions_and_loss(self, batch):
+        """(normalised predictions (B, T), normalised targets (B, T), loss)."""
         target = self._normalized_target(batch)  # (B, T)
         pred = self(batch)  # (B, T)
-        loss = (pred - target.to(pred.dtype)).abs().mean()
+        return pred, target, (pred - target.to(pred.dtype)).abs().mean()
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        pred, target, loss = self._predictions_and_loss(batch)
         self.log(f"{stage}_loss", loss, batch_size=batch.num_graphs, prog_bar=True, on_step=False, on_epoch=True,
                  sync_dist=True)
         mae = ((pred.detach().to(self.std.dtype) - target).abs() * self.std).mean(0)  # (T,) target units
