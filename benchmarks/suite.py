@@ -35,7 +35,7 @@ QUICK = {"batch_size": 8, "num_batches": 2, "warmup": 1, "repeats": 2, "latency_
          "worker_timeout_s": 600, "one_process_per_model": True}
 FULL = {"batch_size": 32, "num_batches": 4, "warmup": 2, "repeats": 3, "latency_molecules": 8,
         "latency_repeats": 10, "compile": True, "box_sizes": [3, 4, 5, 7, 10, 15], "scaling_warmup": 1,
-        "scaling_warmup_max": 5, "scaling_first_warmup": 3, "scaling_repeats": 2, "scaling_largest": False,
+        "scaling_warmup_max": 5, "scaling_first_warmup": 3, "scaling_repeats": 5, "scaling_largest": False,
         "scaling_budget_s": 30.0, "scaling_memory_budget_mb": 8000, "rounds": 2, "matmul_n": 2048,
         "worker_timeout_s": 3600, "one_process_per_model": False}
 METHOD = {

@@ -61,6 +61,29 @@ def test_conv_and_block_equivariant_with_every_parity(name, dtype):
         assert broken.min() > 1e-2
 
 
+def test_linear_self_connection_block_equivariant(dtype):
+    """self_connection="linear": one map for all nodes (no attribute product), still equivariant under G."""
+    group, _ = make_group("so2")
+    torch.manual_seed(0)
+    emb, conv, with_attrs = conv_and_block(group, ALL_PARITIES)
+    block = InteractionBlock(ALL_PARITIES, ALL_PARITIES, "2x0e", conv, self_connection="linear")
+    pos, edge_index = random_graph(5, dtype=dtype)
+    feats, attrs = o3.Irreps(ALL_PARITIES).randn(5, -1), torch.randn(5, 2)
+    edge_attrs = torch.zeros(edge_index.shape[1], 4)
+
+    def run_block(p, f):
+        return block(f, attrs, emb(p[edge_index[0]] - p[edge_index[1]], edge_attrs), edge_index)
+
+    assert_equivariant(run_block, group, [pos, feats], [POSITIONS, ALL_PARITIES], block.irreps_out)
+    # the attributes no longer enter the skip path: only the convolution's kernel reads them (here: not at all)
+    edges = emb(pos[edge_index[0]] - pos[edge_index[1]], edge_attrs)
+    torch.testing.assert_close(block(feats, attrs, edges, edge_index), block(feats, 2 * attrs, edges, edge_index))
+    count = lambda m: sum(p.numel() for p in m.self_connection.parameters())  # noqa: E731
+    assert count(block) * 2 == count(with_attrs)  # 2 attribute channels: half the weights
+    with pytest.raises(ValueError, match="self_connection must be one of"):
+        InteractionBlock(ALL_PARITIES, ALL_PARITIES, "2x0e", conv, self_connection="species")
+
+
 def test_readout_pooling_and_errors():
     readout = Readout("4x0e+2x1o", "3x0e", pooling="mean")
     feats = torch.randn(5, 10)

@@ -100,13 +100,15 @@ def molecule_graph(name, cutoff=5.0):
 MOLECULES = ["CH4", "H2O", "NH3", "C6H6", "CH3CH2OH", "CH3COOH", "HCOOH", "CF4"]
 
 
-@pytest.mark.parametrize("group, kernel", [("o3", "depthwise"), ("o3", "factorised"), ("so2", "factorised"), ("o3", "full"),
-                                           ("o3", "standard")])
-def test_fresh_network_outputs_are_of_order_one_on_real_molecules(group, kernel):
+@pytest.mark.parametrize("group, kernel, self_connection", [
+    ("o3", "depthwise", "attributes"), ("o3", "depthwise", "linear"), ("o3", "factorised", "attributes"),
+    ("so2", "factorised", "attributes"), ("o3", "full", "attributes"), ("o3", "standard", "attributes")])
+def test_fresh_network_outputs_are_of_order_one_on_real_molecules(group, kernel, self_connection):
     graphs = [molecule_graph(m) for m in MOLECULES]
     avg = average_num_neighbors([g[2] for g in graphs], [g[0].shape[0] for g in graphs])
     torch.manual_seed(0)
-    net = MolkernNet(group=group, kernel=kernel, lmax=2, num_channels=16, avg_num_neighbors=avg, pooling="mean")
+    net = MolkernNet(group=group, kernel=kernel, lmax=2, num_channels=16, avg_num_neighbors=avg, pooling="mean",
+                     self_connection=self_connection)
     pos, attrs = (torch.cat([g[k] for g in graphs]) for k in (0, 1))
     edge_index, offset = [], 0
     for g in graphs:

@@ -50,6 +50,9 @@ class MolkernNet(nn.Module):
         kernel_channel_weights: the depthwise kernel also scales each channel by an invariant of the edge.
         kernel_batch_norm: batch-normalise the harmonic polynomials fed to the kernel MLP.
         kernel_node_attrs: feed node attributes of both ends to the kernel MLP.
+        self_connection: each block's skip map, "attributes" (NequIP's tensor product with the node attributes:
+            per element with a one-hot atom type) or "linear" (one map for all nodes; fewer parameters and
+            multiply-adds, see InteractionBlock).
         readout_hidden: width of the readout MLP's hidden layer (per irrep of the output's degrees).
         avg_num_neighbors: normalisation of the neighbour sum (see `average_num_neighbors`).
 
@@ -84,6 +87,7 @@ class MolkernNet(nn.Module):
         kernel_channel_weights: bool = True,
         kernel_batch_norm: bool = True,
         kernel_node_attrs: bool = True,
+        self_connection: str = "attributes",
         readout_hidden: int = 16,
         avg_num_neighbors: float = 1.0,
     ):
@@ -128,7 +132,8 @@ class MolkernNet(nn.Module):
                 )
             else:
                 k = StandardKernel(irreps, self.irreps_hidden, self.edge_embedding.irreps_sh, num_radial)
-            block = InteractionBlock(irreps, self.irreps_hidden, attrs, SteerableConv(k, avg_num_neighbors))
+            block = InteractionBlock(irreps, self.irreps_hidden, attrs, SteerableConv(k, avg_num_neighbors),
+                                     self_connection=self_connection)
             self.blocks.append(block)
             irreps = block.irreps_out
         self.readout = Readout(irreps, irreps_out, pooling, hidden=readout_hidden)

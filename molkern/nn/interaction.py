@@ -12,10 +12,14 @@ from .eager import eager_e3nn
 from .linear import Linear
 
 
-class InteractionBlock(nn.Module):
-    """linear -> convolution -> linear, + self-connection conditioned on node attributes -> gate (+ residual).
+SELF_CONNECTIONS = ("attributes", "linear")
 
-        h = Linear_2(Conv(Linear_1(x))) + TP(x, node_attrs)      (laid out as gate.irreps_in)
+
+class InteractionBlock(nn.Module):
+    """linear -> convolution -> linear, + self-connection (conditioned on node attributes) -> gate (+ residual).
+
+        h = Linear_2(Conv(Linear_1(x))) + SC(x)      (laid out as gate.irreps_in)
+        SC(x) = TP(x, node_attrs)  ("attributes", NequIP's)  or  Linear(x)  ("linear")
         out = Gate(h) + x   if irreps_out == irreps_in and resnet, else Gate(h)
 
     Args:
@@ -24,6 +28,10 @@ class InteractionBlock(nn.Module):
         irreps_node_attr: fixed node attributes (e.g. "5x0e" atom-type one-hot) for the self-connection.
         conv: a SteerableConv with conv.irreps_in == irreps_in.
         resnet: add the input when shapes allow.
+        self_connection: "attributes" (default): the tensor product of x with the node attributes (with a
+            one-hot atom type, one linear map per element); "linear": one linear map for all nodes, 1 / (number
+            of attribute channels) of the parameters and multiply-adds (the attributes then enter through the
+            embedding and the kernels only).
 
     Shapes:
         node_feats: (N, irreps_in.dim), node_attrs: (N, irreps_node_attr.dim) -> (N, irreps_out.dim)
@@ -37,6 +45,7 @@ class InteractionBlock(nn.Module):
         irreps_node_attr: o3.Irreps,
         conv: SteerableConv,
         resnet: bool = True,
+        self_connection: str = "attributes",
     ):
         super().__init__()
         self.irreps_in = o3.Irreps(irreps_in)
@@ -49,15 +58,23 @@ class InteractionBlock(nn.Module):
         # conv.irreps_out is sorted (one block per path): merging equal neighbours keeps the memory layout, the
         # weights (same flat order) and the initialisation, and makes e3nn emit one matmul per irrep, not per path
         self.linear_2 = Linear(conv.irreps_out.simplify(), self.gate.irreps_in)
-        scalar_attrs = all(ir.l == 0 for _, ir in o3.Irreps(irreps_node_attr))
-        self_connection = ScalarAttributeTensorProduct if scalar_attrs else o3.FullyConnectedTensorProduct
-        self.self_connection = self_connection(self.irreps_in, irreps_node_attr, self.gate.irreps_in)
+        if self_connection not in SELF_CONNECTIONS:
+            raise ValueError(f"self_connection must be one of {SELF_CONNECTIONS}, got {self_connection!r}")
+        self.attribute_self_connection = self_connection == "attributes"
+        if self.attribute_self_connection:
+            scalar_attrs = all(ir.l == 0 for _, ir in o3.Irreps(irreps_node_attr))
+            product = ScalarAttributeTensorProduct if scalar_attrs else o3.FullyConnectedTensorProduct
+            self.self_connection = product(self.irreps_in, irreps_node_attr, self.gate.irreps_in)
+        else:
+            self.self_connection = Linear(self.irreps_in, self.gate.irreps_in)
         self.resnet = resnet and self.irreps_out == self.irreps_in
 
     def forward(
         self, node_feats: torch.Tensor, node_attrs: torch.Tensor, edges: Edges, edge_index: torch.Tensor
     ) -> torch.Tensor:
         h = self.conv(self.linear_1(node_feats), edges, edge_index)  # (N, conv.irreps_out.dim)
-        h = self.linear_2(h) + self.self_connection(node_feats, node_attrs)  # (N, gate.irreps_in.dim)
+        skip = self.self_connection(node_feats, node_attrs) if self.attribute_self_connection else \
+            self.self_connection(node_feats)  # (N, gate.irreps_in.dim)
+        h = self.linear_2(h) + skip
         out = self.gate(h)  # (N, irreps_out.dim)
         return out + node_feats if self.resnet else out
