@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 from e3nn import o3
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import molkern.groups as groups
 
@@ -27,21 +26,11 @@ GROUP_CASES = {
 }
 
 
-class _OpCounter(TorchDispatchMode):
-    """Counts the ATen ops dispatched while active (autograd's backward ops included)."""
-
-    count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def count_ops(fn) -> int:
-    """ATen ops one fn() call dispatches."""
-    with _OpCounter() as counter:
-        fn()
-    return counter.count
+    """ATen ops one fn() call dispatches (benchmarks.opcount's counter, which the suite's op counts use)."""
+    from benchmarks.opcount import count_ops as count
+
+    return count(fn)["ops"]
 
 
 def make_group(name):
