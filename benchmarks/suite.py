@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .models import model_specs, unavailable_reason
-from .qm9_throughput import worker_env
+from .qm9_throughput import cpu_model, worker_env
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_ORDER = ("machine", "qm9", "latency", "scaling", "conv")
@@ -163,12 +163,9 @@ def machine_info() -> dict:
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(), "torch": torch.__version__, "e3nn": e3nn.__version__,
-            "torch_geometric": torch_geometric.__version__, "cpu_count": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+            "torch_geometric": torch_geometric.__version__, "cpu_count": os.cpu_count(), "flush_denormal": True}
+    if cpu_model():
+        info["cpu_model"] = cpu_model()
     try:
         import nequip
 

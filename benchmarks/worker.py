@@ -368,7 +368,7 @@ def task_machine(name: str, settings: dict) -> dict:
 
 def run(task: str, name: str, settings: dict) -> dict:
     """One measurement in this process: sets threads and seeds, returns the row (with load averages)."""
-    torch.set_num_threads(settings["threads"])
+    qt.set_threads(settings["threads"])
     torch.manual_seed(0)
     load = os.getloadavg()
     row = {"task_qm9": task_qm9, "task_latency": task_latency, "task_scaling": task_scaling,
