@@ -142,27 +142,6 @@ def test_fresh_network_outputs_are_of_order_one_on_real_molecules(group, kernel,
             assert all(rms[block.conv] > 0.01 for block in net.blocks), [rms[b.conv] for b in net.blocks]
 
 
-@pytest.mark.parametrize("kernel", ["depthwise", "standard"])
-def test_wider_scalars_than_the_convolutions(kernel):
-    """num_scalar_channels: 0e node features wider than the convolutions, which keep num_channels copies of every
-    irrep (the per-edge work); the network stays O(3)-equivariant."""
-    from molkern.nn import InteractionBlock
-
-    torch.manual_seed(0)
-    net = MolkernNet(kernel=kernel, num_channels=4, num_scalar_channels=12, lmax=1, num_layers=2,
-                     self_connection="linear", pooling=None, irreps_out="1x0e+1x1o").double().eval()
-    assert str(net.irreps_hidden) == "12x0e+4x1o"
-    for block in net.blocks:
-        assert str(block.irreps_out) == "12x0e+4x1o" and str(block.conv.irreps_in) == "4x0e+4x1o"
-    pos, attrs, edge_index = molecule_graph("CH3CH2OH")
-    func = lambda p: net(p, attrs.double(), edge_index)  # noqa: E731
-    assert_equivariant(func, groups.get("o3"), [pos.double()], [POSITIONS], net.irreps_out)
-    with pytest.raises(ValueError, match="num_scalar_channels"):
-        MolkernNet(num_scalar_channels=0)
-    with pytest.raises(ValueError, match="lacks"):  # Linear_1 cannot feed the convolution's 1o channels
-        InteractionBlock("12x0e", "12x0e", "5x0e", net.blocks[0].conv)
-
-
 def test_output_kinds_vectors_and_logits():
     pos, attrs, edge_index = molecule_graph("CH3CH2OH")
     torch.manual_seed(0)

@@ -36,9 +36,6 @@ class MolkernNet(nn.Module):
             its share of the channels), "factorised" (one angular vector, per-channel path weights) or "full"
             (paper-exact, channel mixing on edges); or "standard" (NequIP's radial x SH, O(3) only).
         num_channels: multiplicity of each hidden irrep; lmax: largest l of hidden features.
-        num_scalar_channels: multiplicity of the hidden 0e features if not num_channels (None): wider scalars
-            cost only node-wise work, the convolutions keep num_channels copies of every irrep (each block's
-            first linear layer maps the node features to them).
         parity: "natural" (0e, 1o, 2e, ...) or "both" hidden parities.
         num_layers: number of interaction blocks.
         cutoff: Angstrom; num_radial: Bessel functions.
@@ -76,7 +73,6 @@ class MolkernNet(nn.Module):
         group: Union[str, "groups_lib.Group"] = "o3",
         kernel: str = "depthwise",
         num_channels: int = 16,
-        num_scalar_channels: Optional[int] = None,
         lmax: int = 1,
         parity: str = "natural",
         num_layers: int = 3,
@@ -109,11 +105,7 @@ class MolkernNet(nn.Module):
         if kernel == "standard" and self.irreps_edge_attr.dim > 0:
             raise ValueError("the standard kernel takes no edge attributes; use an implicit kernel")
         attrs = self.irreps_node_attr if self.irreps_node_attr.dim > 0 else o3.Irreps("1x0e")
-        irreps_conv = irreps_up_to(num_channels, lmax, parity)
-        if num_scalar_channels is not None and num_scalar_channels < 1:
-            raise ValueError(f"num_scalar_channels must be a positive integer or None, got {num_scalar_channels}")
-        scalars = num_scalar_channels or num_channels
-        self.irreps_hidden = o3.Irreps([(scalars if ir == o3.Irrep("0e") else mul, ir) for mul, ir in irreps_conv])
+        self.irreps_hidden = irreps_up_to(num_channels, lmax, parity)
         implicit = kernel != "standard"
         self.edge_embedding = EdgeEmbedding(
             cutoff,
@@ -134,12 +126,12 @@ class MolkernNet(nn.Module):
         for _ in range(num_layers):
             if implicit:
                 k = ImplicitKernel(
-                    irreps_conv, irreps_conv, self.edge_embedding.irreps_kernel_in, kernel,
+                    irreps, self.irreps_hidden, self.edge_embedding.irreps_kernel_in, kernel,
                     kernel_mlp_width, kernel_head_layers, heads=kernel_heads, channel_weights=kernel_channel_weights,
                     invariant_head=kernel_trunk == "invariant",
                 )
             else:
-                k = StandardKernel(irreps_conv, irreps_conv, self.edge_embedding.irreps_sh, num_radial)
+                k = StandardKernel(irreps, self.irreps_hidden, self.edge_embedding.irreps_sh, num_radial)
             block = InteractionBlock(irreps, self.irreps_hidden, attrs, SteerableConv(k, avg_num_neighbors),
                                      self_connection=self_connection)
             self.blocks.append(block)

@@ -15,7 +15,8 @@ class SteerableConv(nn.Module):
     Args:
         kernel: an ImplicitKernel or StandardKernel (anything with irreps_in/irreps_out and
             forward(node_feats_src, edges); if it also has `prepare`, `messages` and `arrange`, node features are
-            prepared before the gather, messages summed in their own column order and the node sums arranged).
+            prepared before the gather, messages summed in their own column order and the node sums arranged;
+            with `aggregate` too, the kernel gathers, computes and sums the messages itself).
         avg_num_neighbors: normalisation of the neighbour sum (mean in-degree of the training graphs).
 
     Shapes:
@@ -32,6 +33,9 @@ class SteerableConv(nn.Module):
         self.avg_num_neighbors = float(avg_num_neighbors)
 
     def forward(self, node_feats: torch.Tensor, edges: Edges, edge_index: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.kernel, "aggregate"):  # gather, messages and sum in the kernel's own way (maybe fused)
+            sums = self.kernel.aggregate(self.kernel.prepare(node_feats), edges, edge_index, node_feats.shape[0])
+            return self.kernel.arrange(sums) / self.avg_num_neighbors
         if hasattr(self.kernel, "messages"):
             feats_src = torch.index_select(self.kernel.prepare(node_feats), 0, edge_index[0])  # (E, irreps_in.dim)
             messages = self.kernel.messages(feats_src, edges)  # (E, irreps_out.dim), the kernel's column order

@@ -20,6 +20,7 @@ from e3nn import o3
 from torch import nn
 
 from .channelwise import permute_columns
+from .fused import depthwise_aggregate
 from .tracing import is_tracing_for_compile
 
 
@@ -144,6 +145,20 @@ class DepthwiseProduct(nn.Module):
         else:
             messages = torch.bmm(kernels, x)  # (E * H, d_out, U / H)
         return messages.reshape(num_edges, self.irreps_out.dim)
+
+    def aggregate(self, node_feats: torch.Tensor, coefficients: torch.Tensor, edge_index: torch.Tensor,
+                  num_nodes: int, channel_weights=None) -> torch.Tensor:
+        """Sums over each node's incoming edges of `forward`'s messages, in one fused pass (`depthwise_aggregate`).
+
+        node_feats: (N_src, irreps_in.dim) head-major (from `prepare`); coefficients, channel_weights: as forward;
+        edge_index: (2, E) [source, target] -> (num_nodes, irreps_out.dim) head-major.
+        """
+        _, d_in, d_out, per_head_channels = self._shape
+        kernels = self.kernel_matrices(coefficients).view(-1, self.heads, d_out, d_in)  # (E, H, d_out, d_in)
+        x = node_feats.view(-1, self.heads, d_in, per_head_channels)
+        weights = None if channel_weights is None else channel_weights.view(-1, self.heads, per_head_channels)
+        sums = depthwise_aggregate(x, kernels, weights, edge_index[0], edge_index[1], num_nodes)
+        return sums.view(num_nodes, self.irreps_out.dim)
 
     def arrange(self, products: torch.Tensor) -> torch.Tensor:
         """(R, irreps_out.dim) head-major -> irreps_out's e3nn layout."""

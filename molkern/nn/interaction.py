@@ -18,8 +18,7 @@ SELF_CONNECTIONS = ("attributes", "linear")
 class InteractionBlock(nn.Module):
     """linear -> convolution -> linear, + self-connection (conditioned on node attributes) -> gate (+ residual).
 
-        h = Linear_2(Conv(Linear_1(x))) + SC(x)      (laid out as gate.irreps_in; Linear_1 maps x to conv.irreps_in,
-                                                      which may be narrower than irreps_in, e.g. fewer scalars)
+        h = Linear_2(Conv(Linear_1(x))) + SC(x)      (laid out as gate.irreps_in)
         SC(x) = TP(x, node_attrs)  ("attributes", NequIP's)  or  Linear(x)  ("linear")
         out = Gate(h) + x   if irreps_out == irreps_in and resnet, else Gate(h)
 
@@ -27,7 +26,7 @@ class InteractionBlock(nn.Module):
         irreps_in: node feature irreps.
         irreps_out: wanted output irreps (the block's `irreps_out` is the gate's layout of them).
         irreps_node_attr: fixed node attributes (e.g. "5x0e" atom-type one-hot) for the self-connection.
-        conv: a SteerableConv whose irreps_in hold only irrep types of irreps_in.
+        conv: a SteerableConv with conv.irreps_in == irreps_in.
         resnet: add the input when shapes allow.
         self_connection: "attributes" (default): the tensor product of x with the node attributes (with a
             one-hot atom type, one linear map per element); "linear": one linear map for all nodes, 1 / (number
@@ -50,13 +49,11 @@ class InteractionBlock(nn.Module):
     ):
         super().__init__()
         self.irreps_in = o3.Irreps(irreps_in)
-        missing = {ir for _, ir in conv.irreps_in} - {ir for _, ir in self.irreps_in}
-        if missing:
-            raise ValueError(f"conv.irreps_in {conv.irreps_in} has irreps {sorted(missing)} that the block's "
-                             f"irreps_in {self.irreps_in} lacks (Linear_1 could only give zeros there)")
+        if conv.irreps_in != self.irreps_in:
+            raise ValueError(f"conv.irreps_in {conv.irreps_in} must equal the block's irreps_in {self.irreps_in}")
         self.gate = make_gate(irreps_out)
         self.irreps_out = self.gate.irreps_out
-        self.linear_1 = Linear(self.irreps_in, conv.irreps_in)
+        self.linear_1 = Linear(self.irreps_in, self.irreps_in)
         self.conv = conv
         # conv.irreps_out is sorted (one block per path): merging equal neighbours keeps the memory layout, the
         # weights (same flat order) and the initialisation, and makes e3nn emit one matmul per irrep, not per path

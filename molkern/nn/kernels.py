@@ -16,6 +16,8 @@ from .depthwise import DepthwiseProduct
 from .edges import Edges
 from .mlp import EquivariantMLP, InvariantWeightedLinear, filter_irreps, irreps_up_to, reachable_irreps
 from .eager import eager_e3nn
+from .scatter import scatter_sum
+from .tracing import is_tracing_for_compile
 
 
 def kernel_irreps(irreps_in: o3.Irreps, irreps_out: o3.Irreps) -> List[o3.Irrep]:
@@ -162,19 +164,37 @@ class ImplicitKernel(nn.Module):
         """Messages (or sums of them) from `messages`' column order into irreps_out's layout."""
         return messages if self.form == "full" else self.tp.arrange(messages)
 
+    def aggregate(self, node_feats: torch.Tensor, edges: Edges, edge_index: torch.Tensor, num_nodes: int):
+        """Sums of `messages` over each node's incoming edges, in messages' column order: (num_nodes, irreps_out.dim).
+
+        node_feats: (N, irreps_in.dim) in the layout `prepare` gives; edge_index: (2, E) [source, target]. The
+        depthwise form runs as one fused pass (molkern.nn.fused) except when traced for torch.compile.
+        """
+        if self.form == "depthwise" and not is_tracing_for_compile():
+            coefficients, channel_weights = self._depthwise_coefficients(edges)
+            return self.tp.aggregate(node_feats, coefficients, edge_index, num_nodes, channel_weights)
+        messages = self.messages(torch.index_select(node_feats, 0, edge_index[0]), edges)  # (E, irreps_out.dim)
+        return scatter_sum(messages, edge_index[1], num_nodes)
+
+    def _depthwise_coefficients(self, edges: Edges):
+        """The depthwise form's (E, irreps_angular.dim) coefficients, times the cutoff envelope (the messages are
+        linear in them), and (E, U) channel weights or None."""
+        h = self.mlp(edges.kernel_in)  # (E, irreps_mlp_out.dim)
+        if not self.num_channel_weights:
+            return h * edges.envelope, None
+        coefficients, channel_weights = torch.split(h, [self.irreps_angular.dim, self.num_channel_weights], dim=1)
+        return coefficients * edges.envelope, channel_weights
+
     def messages(self, node_feats_src: torch.Tensor, edges: Edges) -> torch.Tensor:
         """Messages in the product's column order (see ChannelwiseProduct, DepthwiseProduct): (E, irreps_out.dim).
 
         node_feats_src: source features in the layout `prepare` gives.
         """
-        h = self.mlp(edges.kernel_in)  # (E, irreps_mlp_out.dim)
-        # the messages are linear in h (full, depthwise) or in the path weights (factorised): apply the cutoff
-        # envelope there, on the narrower tensor
         if self.form == "depthwise":
-            if not self.num_channel_weights:
-                return self.tp(node_feats_src, h * edges.envelope)  # (E, irreps_out.dim), head-major
-            coefficients, channel_weights = torch.split(h, [self.irreps_angular.dim, self.num_channel_weights], dim=1)
-            return self.tp(node_feats_src, coefficients * edges.envelope, channel_weights)
+            return self.tp(node_feats_src, *self._depthwise_coefficients(edges))  # (E, irreps_out.dim), head-major
+        h = self.mlp(edges.kernel_in)  # (E, irreps_mlp_out.dim)
+        # the messages are linear in h (full) or in the path weights (factorised): apply the cutoff
+        # envelope there, on the narrower tensor
         if self.form == "full":
             return self.tp(node_feats_src, h * edges.envelope)  # (E, irreps_out.dim)
         angular, weights = torch.split(h, [self.irreps_angular.dim, self.tp.weight_numel], dim=1)

@@ -1,0 +1,91 @@
+"""The fused depthwise convolution (C++ extension) against the plain torch operations it replaces."""
+
+import pytest
+import torch
+
+from molkern.nn import fused
+from molkern.nn.edges import EdgeEmbedding
+from molkern.nn.kernels import ImplicitKernel
+from molkern.nn.scatter import scatter_sum
+
+
+def test_extension_builds():
+    assert fused.extension() is not None, "the C++ extension did not build (see the warning)"
+
+
+def random_inputs(num_nodes, num_edges, heads, d_in, d_out, per_head, channel_weights, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_nodes, heads, d_in, per_head, generator=g, dtype=torch.float64).to(dtype)
+    kernels = torch.randn(num_edges, heads, d_out, d_in, generator=g, dtype=torch.float64).to(dtype)
+    weights = torch.randn(num_edges, heads, per_head, generator=g, dtype=torch.float64).to(dtype) \
+        if channel_weights else None
+    src = torch.randint(0, num_nodes, (num_edges,), generator=g)
+    dst = torch.randint(0, num_nodes - 1, (num_edges,), generator=g)  # the last node receives nothing
+    return x, kernels, weights, src, dst
+
+
+SHAPES = [(1, 4, 4, 8, True), (2, 9, 9, 3, True), (1, 4, 1, 5, False), (3, 1, 4, 2, True)]
+
+
+@pytest.mark.parametrize("heads, d_in, d_out, per_head, channel_weights", SHAPES)
+def test_fused_equals_torch_operations_with_first_and_second_derivatives(heads, d_in, d_out, per_head, channel_weights):
+    x, kernels, weights, src, dst = random_inputs(6, 25, heads, d_in, d_out, per_head, channel_weights, torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (x, kernels, weights) if t is not None)
+
+    def run(function):
+        return lambda *t: function(t[0], t[1], t[2] if channel_weights else None, src, dst, 6)
+
+    out = run(fused.depthwise_aggregate)(*inputs)
+    torch.testing.assert_close(out, run(fused.depthwise_aggregate_reference)(*inputs), rtol=1e-12, atol=1e-12)
+    assert out[-1].abs().max() == 0 and out.abs().max() > 0.1
+    assert torch.autograd.gradcheck(run(fused.depthwise_aggregate), inputs)
+    assert torch.autograd.gradgradcheck(run(fused.depthwise_aggregate), inputs)  # e.g. training on forces
+
+
+def test_fused_float32_and_two_threads_match_the_reference():
+    """Edge ranges split over threads, each summing into its own buffer: the same sums (to rounding) and grads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, kernels, weights, src, dst = random_inputs(300, 5000, 2, 4, 4, 16, True, torch.float32)
+        inputs = [t.requires_grad_() for t in (x, kernels, weights)]
+        grad = torch.randn(300, 2, 4, 16)
+        results = []
+        for function in (fused.depthwise_aggregate, fused.depthwise_aggregate_reference):
+            out = function(*inputs, src, dst, 300)
+            results.append([out, *torch.autograd.grad(out, inputs, grad)])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_no_edges_gives_zeros():
+    x, kernels, weights, src, dst = random_inputs(4, 0, 1, 4, 4, 3, True, torch.float32)
+    assert torch.equal(fused.depthwise_aggregate(x, kernels, weights, src, dst, 4), torch.zeros(4, 1, 4, 3))
+
+
+def test_extension_rejects_bad_shapes():
+    x, kernels, weights, src, dst = random_inputs(4, 10, 1, 4, 4, 3, True, torch.float32)
+    with pytest.raises(RuntimeError, match="one entry per edge"):
+        fused.extension().forward(x, kernels, weights, src[:5], dst, 4)
+    with pytest.raises(RuntimeError, match="c must be"):
+        fused.extension().forward(x, kernels, weights[:, :, :2].contiguous(), src, dst, 4)
+    with pytest.raises(RuntimeError, match="int64"):
+        fused.extension().forward(x, kernels, weights, src.int(), dst, 4)
+
+
+def test_kernel_aggregate_equals_gather_messages_scatter():
+    """ImplicitKernel.aggregate (fused) == gathering, the messages of `messages` and a scatter-sum."""
+    torch.manual_seed(0)
+    emb = EdgeEmbedding(5.0, lmax=2, num_radial=8, irreps_node_attr="3x0e", trunk_layers=2, trunk_width=16,
+                        trunk_type="invariant")
+    kernel = ImplicitKernel("8x0e+8x1o", "8x0e+8x1o", emb.irreps_kernel_in, "depthwise", mlp_layers=0, heads=2,
+                            channel_weights=True, invariant_head=True)
+    pos, attrs = torch.randn(9, 3) * 2, torch.randn(9, 3)
+    src, dst = torch.nonzero(~torch.eye(9, dtype=torch.bool), as_tuple=True)
+    edge_index = torch.stack([src, dst])
+    edges = emb(pos[src] - pos[dst], node_attrs=attrs, edge_index=edge_index)
+    feats = kernel.prepare(torch.randn(9, 32))
+    expected = scatter_sum(kernel.messages(feats[src], edges), dst, 9)
+    torch.testing.assert_close(kernel.aggregate(feats, edges, edge_index, 9), expected, rtol=1e-5, atol=1e-5)
