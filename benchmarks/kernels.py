@@ -147,6 +147,7 @@ def main():
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as every benchmark process (benchmarks.qm9_throughput.set_threads)
     torch.set_default_dtype(dtype)
     torch.manual_seed(0)
 
@@ -171,6 +172,9 @@ def main():
         "implicit depthwise (default)": (lambda: ImplicitKernel(
             irreps, irreps, emb_inv.irreps_kernel_in, "depthwise", mlp_width=8, mlp_layers=0,
             heads=HEADS, channel_weights=True, invariant_head=True), emb_inv),
+        "implicit depthwise, unfused (torch operations)": (lambda: ImplicitKernel(
+            irreps, irreps, emb_inv.irreps_kernel_in, "depthwise", mlp_width=8, mlp_layers=0,
+            heads=HEADS, channel_weights=True, invariant_head=True, fused=False), emb_inv),
         "implicit factorised": (lambda: ImplicitKernel(
             irreps, irreps, emb_imp.irreps_kernel_in, "factorised", mlp_width=8, mlp_layers=0), emb_imp),
         "implicit full": (lambda: ImplicitKernel(
@@ -224,7 +228,7 @@ def main():
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "torch": torch.__version__, "e3nn": e3nn.__version__,
-                    "cpu_count": os.cpu_count(), "loadavg_1_5_15_at_end": os.getloadavg()},
+                    "cpu_count": os.cpu_count(), "flush_denormal": True, "loadavg_1_5_15_at_end": os.getloadavg()},
         "settings": {"threads": args.threads, "dtype": args.dtype, "channels": args.channels, "lmax": lmax,
                      "irreps": str(irreps), "cutoff": CUTOFF, "repeats": args.repeats, "warmup": 3,
                      "num_nodes": pos.shape[0], "num_edges": edge_index.shape[1],

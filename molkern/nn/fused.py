@@ -108,5 +108,5 @@ def depthwise_aggregate(x, kernels, channel_weights: Optional[torch.Tensor], src
     if extension() is None:
         return depthwise_aggregate_reference(x, kernels, channel_weights, src, dst, num_nodes)
     contiguous = None if channel_weights is None else channel_weights.contiguous()
-    return _DepthwiseAggregate.apply(x.contiguous(), kernels.contiguous(), contiguous, src.contiguous(),
-                                     dst.contiguous(), num_nodes)
+    return _DepthwiseAggregate.apply(x.contiguous(), kernels.contiguous(), contiguous, src.long().contiguous(),
+                                     dst.long().contiguous(), num_nodes)

@@ -90,6 +90,8 @@ class ImplicitKernel(nn.Module):
             U more scalars).
         invariant_head: with mlp_layers = 0, the head is an `InvariantWeightedLinear` (weights from the
             invariants of the kernel input, e.g. an "invariant" EdgeEmbedding trunk) instead of an e3nn Linear.
+        fused: the depthwise form's convolution sums run as one C++ pass (`molkern.nn.fused`, default); False
+            keeps the torch operations (same values; for benchmarks).
 
     Shapes:
         node_feats_src: (E, irreps_in.dim), edges.kernel_in: (E, irreps_kernel_in.dim) -> (E, irreps_out.dim)
@@ -108,8 +110,10 @@ class ImplicitKernel(nn.Module):
         heads: int = 1,
         channel_weights: bool = False,
         invariant_head: bool = False,
+        fused: bool = True,
     ):
         super().__init__()
+        self.fused = fused
         if form not in IMPLICIT_FORMS:
             raise ValueError(f"form must be one of {IMPLICIT_FORMS}, got {form!r}")
         self.form = form
@@ -168,9 +172,9 @@ class ImplicitKernel(nn.Module):
         """Sums of `messages` over each node's incoming edges, in messages' column order: (num_nodes, irreps_out.dim).
 
         node_feats: (N, irreps_in.dim) in the layout `prepare` gives; edge_index: (2, E) [source, target]. The
-        depthwise form runs as one fused pass (molkern.nn.fused) except when traced for torch.compile.
+        depthwise form runs as one fused pass (molkern.nn.fused) unless fused=False or traced for torch.compile.
         """
-        if self.form == "depthwise" and not is_tracing_for_compile():
+        if self.form == "depthwise" and self.fused and not is_tracing_for_compile():
             coefficients, channel_weights = self._depthwise_coefficients(edges)
             return self.tp.aggregate(node_feats, coefficients, edge_index, num_nodes, channel_weights)
         messages = self.messages(torch.index_select(node_feats, 0, edge_index[0]), edges)  # (E, irreps_out.dim)
