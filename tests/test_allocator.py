@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def last_step_faults(opt_in: str):
-    env = {**os.environ, "MOLKERN_KEEP_FREED_MEMORY": opt_in, "OMP_NUM_THREADS": "1"}
+    # the unfused convolution: its large per-edge tensors are what glibc's defaults return to the OS each step
+    env = {**os.environ, "MOLKERN_KEEP_FREED_MEMORY": opt_in, "OMP_NUM_THREADS": "1", "MOLKERN_FUSED": "0"}
     for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         env.pop(key, None)
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True)
@@ -40,7 +41,7 @@ def test_keep_freed_memory_stops_page_faults_of_repeated_steps():
     applied, kept = last_step_faults("1")
     default_applied, default = last_step_faults("0")  # opt-out: glibc's defaults
     assert applied and not default_applied
-    if sum(default[-3:]) == 0:  # seen once at the start of a full run: glibc's own thresholds already held it all
+    if sum(default[-3:]) < 100:  # seen once at the start of a full run: glibc's own thresholds already held it all
         pytest.skip(f"glibc's defaults did not fault either this time: {default}")
     # steady state: the last three steps together (one step may still touch lazily loaded pages)
     assert sum(kept[-3:]) < 0.2 * sum(default[-3:]), (kept, default)
