@@ -164,8 +164,9 @@ def machine_info() -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(), "torch": torch.__version__, "e3nn": e3nn.__version__,
             "torch_geometric": torch_geometric.__version__, "cpu_count": os.cpu_count(), "flush_denormal": True}
-    if cpu_model():
-        info["cpu_model"] = cpu_model()
+    model = cpu_model()
+    if model:
+        info["cpu_model"] = model
     try:
         import nequip
 
