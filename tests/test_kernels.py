@@ -73,6 +73,45 @@ def test_lemma1_invariant_trunk_and_head(name):
         assert broken.min() > 1e-2, f"{group!r} should break outside the group: {broken}"
 
 
+@pytest.mark.parametrize("name", ["o3", "so2", "dn"])
+def test_invariant_depthwise_head_equals_invariant_weighted_linear(name):
+    """InvariantDepthwiseHead's kernel matrices == DepthwiseProduct.kernel_matrices(InvariantWeightedLinear(...))
+    with the same parameters (several vectors per irrep type, 2 heads, channel weights), gradients included."""
+    from molkern.nn.depthwise_head import InvariantDepthwiseHead
+    from molkern.nn.mlp import InvariantWeightedLinear
+
+    group, _ = make_group(name)
+    _, _, inputs = setup(group, "depthwise", dtype=torch.float64)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float64)
+    try:
+        emb = EdgeEmbedding(5.0, lmax=4, group=group, irreps_edge_attr=EDGE_ATTRS, irreps_node_attr=NODE_ATTRS,
+                            trunk_layers=1, trunk_width=16, trunk_type="invariant")
+        kernel = ImplicitKernel("2x0e+2x1e+2x2o", "2x0o+2x1o+2x2e", emb.irreps_kernel_in, "depthwise",
+                                mlp_layers=0, heads=2, channel_weights=True, invariant_head=True)
+        head = kernel.mlp
+        assert isinstance(head, InvariantDepthwiseHead)
+        linear = InvariantWeightedLinear(emb.irreps_kernel_in, head.irreps_out)
+        linear.load_state_dict(head.state_dict())
+        with torch.no_grad():
+            head.bias.normal_()
+            linear.bias.copy_(head.bias)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    edges = emb(**inputs)
+    kernels, channel_weights = head(edges.kernel_in, edges.envelope)
+    out = linear(edges.kernel_in)
+    coefficients, expected_weights = torch.split(out, [kernel.irreps_angular.dim, kernel.num_channel_weights], 1)
+    expected = kernel.tp.kernel_matrices(coefficients * edges.envelope)
+    assert expected.abs().max() > 0.1
+    assert (kernels - expected).abs().max() < 1e-12 and (channel_weights - expected_weights).abs().max() < 1e-12
+    probe = torch.randn_like(kernels)
+    grads = torch.autograd.grad((kernels * probe).sum(), [head.weight, head.bias])
+    expected_grads = torch.autograd.grad((expected * probe).sum(), [linear.weight, linear.bias])
+    for g, e in zip(grads, expected_grads):
+        assert (g - e).abs().max() < 1e-10
+
+
 def test_invariant_weighted_linear_checks_its_irreps():
     from molkern.nn.mlp import InvariantWeightedLinear
 

@@ -61,8 +61,8 @@ class DepthwiseProduct(nn.Module):
 
     Shapes:
         prepare: (N, irreps_in.dim) -> (N, irreps_in.dim) head-major
-        forward: x (E, irreps_in.dim) head-major, coefficients (E, irreps_coefficients.dim)
-            -> (E, irreps_out.dim) head-major
+        kernel_matrices: coefficients (E, irreps_coefficients.dim) -> (E, H, d_out, d_in)
+        forward: x (E, irreps_in.dim) head-major, kernels (E, H, d_out, d_in) -> (E, irreps_out.dim) head-major
         arrange: (R, irreps_out.dim) head-major -> e3nn layout
     """
 
@@ -124,19 +124,20 @@ class DepthwiseProduct(nn.Module):
         return permute_columns(node_feats, self._in_columns, self._in_inverse)
 
     def kernel_matrices(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """(E, irreps_coefficients.dim) -> (E * H, d_out, d_in): K[e, h] at row e * H + h."""
+        """(E, irreps_coefficients.dim) -> (E, H, d_out, d_in): K[e, h]."""
         per_head, d_in, d_out, _ = self._shape
         c = permute_columns(coefficients, self._coef_columns, self._coef_inverse)  # (E, H * per_head)
-        return (c.view(-1, per_head) @ self._cg.to(c.dtype)).view(-1, d_out, d_in)
+        return (c.view(-1, per_head) @ self._cg.to(c.dtype)).view(-1, self.heads, d_out, d_in)
 
-    def forward(self, x: torch.Tensor, coefficients: torch.Tensor, channel_weights=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernels: torch.Tensor, channel_weights=None) -> torch.Tensor:
         """Messages K[e, head(u)] x[e, u] (times channel_weights[e, u] if given), head-major: (E, irreps_out.dim).
 
-        channel_weights: optional (E, U) invariant per-channel factors (U = multiplicity; channel u = h U/H + q).
+        kernels: (E, H, d_out, d_in) kernel matrices (`kernel_matrices`); channel_weights: optional (E, U)
+        invariant per-channel factors (U = multiplicity; channel u = h U/H + q).
         """
-        _, d_in, _, per_head_channels = self._shape
+        _, d_in, d_out, per_head_channels = self._shape
         num_edges = x.shape[0]
-        kernels = self.kernel_matrices(coefficients)  # (E * H, d_out, d_in)
+        kernels = kernels.reshape(-1, d_out, d_in)  # (E * H, d_out, d_in)
         x = x.view(-1, d_in, per_head_channels)  # (E * H, d_in, U / H)
         if channel_weights is not None:
             x = x * channel_weights.reshape(-1, 1, per_head_channels)
@@ -146,15 +147,14 @@ class DepthwiseProduct(nn.Module):
             messages = torch.bmm(kernels, x)  # (E * H, d_out, U / H)
         return messages.reshape(num_edges, self.irreps_out.dim)
 
-    def aggregate(self, node_feats: torch.Tensor, coefficients: torch.Tensor, edge_index: torch.Tensor,
+    def aggregate(self, node_feats: torch.Tensor, kernels: torch.Tensor, edge_index: torch.Tensor,
                   num_nodes: int, channel_weights=None) -> torch.Tensor:
         """Sums over each node's incoming edges of `forward`'s messages, in one fused pass (`depthwise_aggregate`).
 
-        node_feats: (N_src, irreps_in.dim) head-major (from `prepare`); coefficients, channel_weights: as forward;
+        node_feats: (N_src, irreps_in.dim) head-major (from `prepare`); kernels, channel_weights: as forward;
         edge_index: (2, E) [source, target] -> (num_nodes, irreps_out.dim) head-major.
         """
-        _, d_in, d_out, per_head_channels = self._shape
-        kernels = self.kernel_matrices(coefficients).view(-1, self.heads, d_out, d_in)  # (E, H, d_out, d_in)
+        _, d_in, _, per_head_channels = self._shape
         x = node_feats.view(-1, self.heads, d_in, per_head_channels)
         weights = None if channel_weights is None else channel_weights.view(-1, self.heads, per_head_channels)
         sums = depthwise_aggregate(x, kernels, weights, edge_index[0], edge_index[1], num_nodes)

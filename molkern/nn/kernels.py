@@ -13,6 +13,7 @@ from torch import nn
 
 from .channelwise import ChannelwiseProduct
 from .depthwise import DepthwiseProduct
+from .depthwise_head import InvariantDepthwiseHead
 from .edges import Edges
 from .mlp import EquivariantMLP, InvariantWeightedLinear, filter_irreps, irreps_up_to, reachable_irreps
 from .eager import eager_e3nn
@@ -89,7 +90,8 @@ class ImplicitKernel(nn.Module):
         channel_weights: the depthwise form also scales each channel by an invariant of the edge (the MLP emits
             U more scalars).
         invariant_head: with mlp_layers = 0, the head is an `InvariantWeightedLinear` (weights from the
-            invariants of the kernel input, e.g. an "invariant" EdgeEmbedding trunk) instead of an e3nn Linear.
+            invariants of the kernel input, e.g. an "invariant" EdgeEmbedding trunk) instead of an e3nn Linear;
+            the depthwise form then builds its kernel matrices straight from the weights (`InvariantDepthwiseHead`).
         fused: the depthwise form's convolution sums run as one C++ pass (`molkern.nn.fused`, default); False
             keeps the torch operations (same values; for benchmarks).
 
@@ -141,8 +143,10 @@ class ImplicitKernel(nn.Module):
             self.irreps_out = self.tp.irreps_out
             self.irreps_angular = self.tp.irreps_coefficients
             self.num_channel_weights = self.irreps_in[0].mul if channel_weights else 0
-            irreps_mlp_out = self.irreps_angular + o3.Irreps(f"{self.num_channel_weights}x0e")
-            self.mlp = make_mlp(irreps_mlp_out)
+            if invariant_head and mlp_layers == 0:  # same map as make_mlp's InvariantWeightedLinear, fewer ops
+                self.mlp = InvariantDepthwiseHead(irreps_kernel_in, self.tp, self.num_channel_weights)
+            else:
+                self.mlp = make_mlp(self.irreps_angular + o3.Irreps(f"{self.num_channel_weights}x0e"))
         elif form == "full":
             irreps_h = o3.Irreps([(mlp_width, ir) for ir in blocks])
             self.mlp = make_mlp(irreps_h)
@@ -175,19 +179,21 @@ class ImplicitKernel(nn.Module):
         depthwise form runs as one fused pass (molkern.nn.fused) unless fused=False or traced for torch.compile.
         """
         if self.form == "depthwise" and self.fused and not is_tracing_for_compile():
-            coefficients, channel_weights = self._depthwise_coefficients(edges)
-            return self.tp.aggregate(node_feats, coefficients, edge_index, num_nodes, channel_weights)
+            kernels, channel_weights = self._depthwise_kernels(edges)
+            return self.tp.aggregate(node_feats, kernels, edge_index, num_nodes, channel_weights)
         messages = self.messages(torch.index_select(node_feats, 0, edge_index[0]), edges)  # (E, irreps_out.dim)
         return scatter_sum(messages, edge_index[1], num_nodes)
 
-    def _depthwise_coefficients(self, edges: Edges):
-        """The depthwise form's (E, irreps_angular.dim) coefficients, times the cutoff envelope (the messages are
+    def _depthwise_kernels(self, edges: Edges):
+        """The depthwise form's (E, H, d_out, d_in) kernel matrices, times the cutoff envelope (the messages are
         linear in them), and (E, U) channel weights or None."""
+        if isinstance(self.mlp, InvariantDepthwiseHead):
+            return self.mlp(edges.kernel_in, edges.envelope)
         h = self.mlp(edges.kernel_in)  # (E, irreps_mlp_out.dim)
         if not self.num_channel_weights:
-            return h * edges.envelope, None
+            return self.tp.kernel_matrices(h * edges.envelope), None
         coefficients, channel_weights = torch.split(h, [self.irreps_angular.dim, self.num_channel_weights], dim=1)
-        return coefficients * edges.envelope, channel_weights
+        return self.tp.kernel_matrices(coefficients * edges.envelope), channel_weights
 
     def messages(self, node_feats_src: torch.Tensor, edges: Edges) -> torch.Tensor:
         """Messages in the product's column order (see ChannelwiseProduct, DepthwiseProduct): (E, irreps_out.dim).
@@ -195,7 +201,7 @@ class ImplicitKernel(nn.Module):
         node_feats_src: source features in the layout `prepare` gives.
         """
         if self.form == "depthwise":
-            return self.tp(node_feats_src, *self._depthwise_coefficients(edges))  # (E, irreps_out.dim), head-major
+            return self.tp(node_feats_src, *self._depthwise_kernels(edges))  # (E, irreps_out.dim), head-major
         h = self.mlp(edges.kernel_in)  # (E, irreps_mlp_out.dim)
         # the messages are linear in h (full) or in the path weights (factorised): apply the cutoff
         # envelope there, on the narrower tensor

@@ -58,8 +58,10 @@ class BesselBasis(nn.Module):
         self.freqs = nn.Parameter(freqs, requires_grad=trainable)
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
-        x = self.freqs * (r.unsqueeze(-1) / self.cutoff)  # (E, num_basis)
-        return torch.sinc(x / math.pi)  # sin(x) / x, smooth at x = 0
+        # sin(x) / x: torch.sinc is not vectorised on CPU (3x slower forward and backward); r >= 1e-6 cutoff keeps
+        # x away from 0 (value 1 - O(1e-11), as sinc's)
+        x = self.freqs * (r.clamp_min(1e-6 * self.cutoff) / self.cutoff).unsqueeze(-1)  # (E, num_basis)
+        return torch.sin(x) / x
 
     def extra_repr(self) -> str:
         return f"cutoff={self.cutoff}, num_basis={self.num_basis}"

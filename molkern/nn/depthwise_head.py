@@ -1,0 +1,114 @@
+"""The default kernel head: depthwise kernel matrices from invariant path weights and a per-edge geometric basis.
+
+With an invariant kernel trunk, the depthwise kernel's MLP head is an `InvariantWeightedLinear`: each coefficient
+vector of type l2 is sum_k w_k(s) V_{l2,k}, with weights w affine in the invariants s and V_{l2,k} the kernel
+input's vectors of that type (harmonics of the edge, references, attribute products). The kernel matrix is linear
+in the coefficients, so
+
+    K[e, h] = sum_{q = (path, k)} w[e, h, q] B_q[e],     B_q[e] = CG_path . V_{l2,k}[e]   (1 for l2 = 0)
+
+where the basis matrices B_q depend on the edge's geometry only. This head computes the same matrices as
+`DepthwiseProduct.kernel_matrices(InvariantWeightedLinear(...))` (same parameters, same values) in four
+matrix products per layer: path weights, channel weights, basis (one matmul against a constant) and their
+contraction, instead of a dozen small per-block products, splits and concatenations per edge.
+"""
+
+import torch
+from e3nn import o3
+from torch import nn
+
+from .depthwise import DepthwiseProduct
+from .mlp import InvariantWeightedLinear
+
+
+class InvariantDepthwiseHead(nn.Module):
+    """Kernel matrices (and channel weights) of a depthwise kernel whose head is an InvariantWeightedLinear.
+
+    Args:
+        irreps_kernel_in: the kernel input (`EdgeEmbedding.irreps_kernel_in`): one 0e block (the invariants s)
+            and at most one block of each other irrep type.
+        tp: the kernel's DepthwiseProduct (paths, heads, Clebsch-Gordan coefficients).
+        num_channel_weights: U invariant per-channel factors to emit as well (0: none).
+
+    Parameters `weight` (S, W) and `bias` (W,) are those of `InvariantWeightedLinear(irreps_kernel_in,
+    tp.irreps_coefficients + U x 0e)` (same initialisation, same columns, interchangeable state dicts).
+
+    Shapes:
+        kernel_in: (E, irreps_kernel_in.dim), envelope: (E, 1)
+            -> kernels (E, H, d_out, d_in) times the envelope, channel_weights (E, U) or None
+    """
+
+    def __init__(self, irreps_kernel_in: o3.Irreps, tp: DepthwiseProduct, num_channel_weights: int = 0):
+        super().__init__()
+        self.irreps_in = o3.Irreps(irreps_kernel_in)
+        self.irreps_out = tp.irreps_coefficients + o3.Irreps(f"{num_channel_weights}x0e")
+        linear = InvariantWeightedLinear(self.irreps_in, self.irreps_out)
+        self.weight, self.bias = linear.weight, linear.bias
+        self.register_buffer("_scale", linear._scale, persistent=False)
+
+        in_slices = self.irreps_in.slices()
+        scalar = linear._scalar_index
+        if scalar not in (0, len(self.irreps_in) - 1):
+            raise ValueError(f"irreps_kernel_in {self.irreps_in} must have its 0e block first or last")
+        # one split (its backward one cat) rather than two slices (two zero-filled gradients) per layer
+        self._scalars_first = scalar == 0
+        num_scalars = self.irreps_in[scalar].dim
+        self._split = [num_scalars, self.irreps_in.dim - num_scalars][:: 1 if self._scalars_first else -1]
+        vector_columns = [c for i, sl in enumerate(in_slices) if i != scalar for c in range(sl.start, sl.stop)]
+        vector_row = {c: r for r, c in enumerate(vector_columns)}  # kernel_in column -> row of the basis matmul
+
+        per_head, d_in, d_out, _ = tp._shape
+        cg = tp._cg.view(per_head, d_out * d_in)  # float64, rows: (path, component) of one head
+        block_of = {ir: b for b, (_, ir) in enumerate(tp.irreps_coefficients)}
+        weight_start = [0] + torch.tensor(linear._widths).cumsum(0).tolist()
+        count = {ir: mul // tp.heads for mul, ir in tp.irreps_coefficients}
+        # one column per (path, vector k, component j) of a head: the product of weight w[h, path, k] and vector
+        # component V_{l2,k}[j] (1 for 0e), contracted with the Clebsch-Gordan row of (path, j)
+        terms = []  # (weight column of head 0 minus its block start, vector row or None, cg row)
+        seen, offset = {ir: 0 for ir in count}, 0
+        for _, _, ir in tp.paths:
+            b = block_of[ir]
+            source, _, k, d = linear._blocks[b]
+            for kk in range(k):
+                for j in range(d):
+                    row = None if source is None else vector_row[in_slices[source].start + kk * d + j]
+                    terms.append((b, seen[ir] * k + kk, row, offset + j))
+            seen[ir] += 1
+            offset += ir.dim
+        weight_columns = [weight_start[b] + h * count[tp.irreps_coefficients[b].ir] * linear._blocks[b][2] + c
+                          for h in range(tp.heads) for b, c, _, _ in terms]
+        selection = torch.zeros(len(vector_columns), len(terms), dtype=torch.float64)
+        constant = torch.zeros(len(terms), dtype=torch.float64)
+        for t, (_, _, row, _) in enumerate(terms):
+            if row is None:
+                constant[t] = 1.0
+            else:
+                selection[row, t] = 1.0
+        self.heads, self.num_terms, self._matrix = tp.heads, len(terms), (d_out, d_in)
+        self.num_channel_weights = num_channel_weights
+        self.register_buffer("_weight_columns", torch.tensor(weight_columns, dtype=torch.long), persistent=False)
+        start = weight_start[len(tp.irreps_coefficients)]
+        self.register_buffer("_channel_columns", torch.arange(start, start + num_channel_weights), persistent=False)
+        # float64 buffers whatever the default dtype (cast at use), as DepthwiseProduct's
+        self.register_buffer("_selection", selection, persistent=False)  # (V, T): vector component of each term
+        self.register_buffer("_constant", constant, persistent=False)  # (T,): 1 for the terms of 0e coefficients
+        self.register_buffer("_cg", cg[[r for _, _, _, r in terms]], persistent=False)  # (T, d_out * d_in)
+
+    def forward(self, kernel_in: torch.Tensor, envelope: torch.Tensor):
+        num_edges, dtype = kernel_in.shape[0], kernel_in.dtype
+        scalars, vectors = torch.split(kernel_in, self._split, dim=1)  # (E, S), (E, V)
+        if not self._scalars_first:
+            scalars, vectors = vectors, scalars
+        weight = self.weight * self._scale  # (S, W)
+        term_weights = torch.addmm(self.bias[self._weight_columns], scalars, weight[:, self._weight_columns])
+        vectors = torch.addmm(self._constant.to(dtype), vectors, self._selection.to(dtype)) * envelope  # (E, T)
+        # (the messages are linear in the kernels: the envelope goes on the narrowest factor)
+        terms = term_weights.view(num_edges, self.heads, self.num_terms) * vectors.unsqueeze(1)  # (E, H, T)
+        kernels = (terms.view(-1, self.num_terms) @ self._cg.to(dtype)).view(num_edges, self.heads, *self._matrix)
+        if not self.num_channel_weights:
+            return kernels, None
+        channel_weights = torch.addmm(self.bias[self._channel_columns], scalars, weight[:, self._channel_columns])
+        return kernels, channel_weights  # (E, H, d_out, d_in), (E, U)
+
+    def extra_repr(self) -> str:
+        return f"{self.irreps_in} -> {self.heads} heads x {self.num_terms} terms, {self.num_channel_weights} channel weights"
