@@ -56,96 +56,110 @@ struct Accumulators {
   }
 };
 
-template <typename T>
+// The kernels take DI and DO as template constants for the common sizes (1, 4, 9: lmax 0, 1, 2 features; 0 =
+// read from Dims) so that the loops over the matrix entries unroll and the sums stay in registers; the innermost
+// loop runs over the P channels of a head (SIMD).
+template <typename T, int FDI, int FDO>
 void forward_kernel(const T* x, const T* K, const T* c, const int64_t* src, const int64_t* dst, T* out, Dims d) {
-  const int64_t in_width = d.H * d.DI * d.P, out_width = d.H * d.DO * d.P;
+  const int64_t DI = FDI ? FDI : d.DI, DO = FDO ? FDO : d.DO, P = d.P;
+  const int64_t in_width = d.H * DI * P, out_width = d.H * DO * P;
   Accumulators<T> acc(out, d.N * out_width);
   at::parallel_for(0, d.E, 256, [&](int64_t begin, int64_t end) {
     T* sums = acc.get();
-    std::vector<T> scaled(d.DI * d.P);
     for (int64_t e = begin; e < end; ++e) {
       for (int64_t h = 0; h < d.H; ++h) {
-        const T* xs = x + src[e] * in_width + h * d.DI * d.P;
-        const T* Ke = K + (e * d.H + h) * d.DO * d.DI;
-        T* o = sums + dst[e] * out_width + h * d.DO * d.P;
-        if (c) {
-          const T* ce = c + (e * d.H + h) * d.P;
-          for (int64_t i = 0; i < d.DI; ++i)
-            for (int64_t q = 0; q < d.P; ++q) scaled[i * d.P + q] = xs[i * d.P + q] * ce[q];
-          xs = scaled.data();
-        }
-        for (int64_t r = 0; r < d.DO; ++r)
-          for (int64_t i = 0; i < d.DI; ++i) {
-            const T k = Ke[r * d.DI + i];
-            const T* __restrict__ xi = xs + i * d.P;
-            T* __restrict__ orow = o + r * d.P;
+        const T* __restrict__ xs = x + src[e] * in_width + h * DI * P;
+        const T* __restrict__ Ke = K + (e * d.H + h) * DO * DI;
+        const T* __restrict__ ce = c ? c + (e * d.H + h) * P : nullptr;
+        T* __restrict__ o = sums + dst[e] * out_width + h * DO * P;
+        for (int64_t r = 0; r < DO; ++r) {
+          const T* __restrict__ Kr = Ke + r * DI;
 #pragma omp simd
-            for (int64_t q = 0; q < d.P; ++q) orow[q] += k * xi[q];
+          for (int64_t q = 0; q < P; ++q) {
+            T s = 0;
+            for (int64_t i = 0; i < DI; ++i) s += Kr[i] * xs[i * P + q];
+            o[r * P + q] += ce ? s * ce[q] : s;
           }
+        }
       }
     }
   });
   acc.finish();
 }
 
-template <typename T>
+template <typename T, int FDI, int FDO>
 void backward_kernel(const T* g, const T* x, const T* K, const T* c, const int64_t* src, const int64_t* dst, T* gx,
                      T* gK, T* gc, Dims d) {
-  const int64_t in_width = d.H * d.DI * d.P, out_width = d.H * d.DO * d.P;
+  const int64_t DI = FDI ? FDI : d.DI, DO = FDO ? FDO : d.DO, P = d.P;
+  const int64_t in_width = d.H * DI * P, out_width = d.H * DO * P;
   Accumulators<T> acc(gx, gx ? d.N * in_width : 0);
   at::parallel_for(0, d.E, 256, [&](int64_t begin, int64_t end) {
     T* gx_sums = gx ? acc.get() : nullptr;
-    std::vector<T> u(d.DI * d.P), scaled(d.DI * d.P);
     for (int64_t e = begin; e < end; ++e) {
       for (int64_t h = 0; h < d.H; ++h) {
         const int64_t eh = e * d.H + h;
-        const T* xs = x + src[e] * in_width + h * d.DI * d.P;
-        const T* gd = g + dst[e] * out_width + h * d.DO * d.P;
-        const T* Ke = K + eh * d.DO * d.DI;
-        const T* ce = c ? c + eh * d.P : nullptr;
-        if (gK) {  // gK[r, i] = sum_q g[r, q] x[i, q] c[q]
-          const T* xc = xs;
-          if (ce) {
-            for (int64_t i = 0; i < d.DI; ++i)
-              for (int64_t q = 0; q < d.P; ++q) scaled[i * d.P + q] = xs[i * d.P + q] * ce[q];
-            xc = scaled.data();
-          }
-          for (int64_t r = 0; r < d.DO; ++r)
-            for (int64_t i = 0; i < d.DI; ++i) {
+        const T* __restrict__ xs = x + src[e] * in_width + h * DI * P;
+        const T* __restrict__ gd = g + dst[e] * out_width + h * DO * P;
+        const T* __restrict__ Ke = K + eh * DO * DI;
+        const T* __restrict__ ce = c ? c + eh * P : nullptr;
+        if (gK) {  // gK[r, i] = sum_q g[r, q] x[i, q] c[q], four rows r at a time (x c loaded once for them)
+          T* __restrict__ gKe = gK + eh * DO * DI;
+          for (int64_t i = 0; i < DI; ++i) {
+            const T* __restrict__ xi = xs + i * P;
+            int64_t r = 0;
+            for (; r + 4 <= DO; r += 4) {
+              const T *__restrict__ g0 = gd + r * P, *__restrict__ g1 = g0 + P, *__restrict__ g2 = g1 + P,
+                      *__restrict__ g3 = g2 + P;
+              T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+              for (int64_t q = 0; q < P; ++q) {
+                const T xq = ce ? xi[q] * ce[q] : xi[q];
+                s0 += g0[q] * xq;
+                s1 += g1[q] * xq;
+                s2 += g2[q] * xq;
+                s3 += g3[q] * xq;
+              }
+              gKe[r * DI + i] = s0;
+              gKe[(r + 1) * DI + i] = s1;
+              gKe[(r + 2) * DI + i] = s2;
+              gKe[(r + 3) * DI + i] = s3;
+            }
+            for (; r < DO; ++r) {
               T s = 0;
-              const T* __restrict__ gr = gd + r * d.P;
-              const T* __restrict__ xi = xc + i * d.P;
 #pragma omp simd reduction(+ : s)
-              for (int64_t q = 0; q < d.P; ++q) s += gr[q] * xi[q];
-              gK[eh * d.DO * d.DI + r * d.DI + i] = s;
+              for (int64_t q = 0; q < P; ++q) s += gd[r * P + q] * (ce ? xi[q] * ce[q] : xi[q]);
+              gKe[r * DI + i] = s;
             }
+          }
         }
-        if (gx_sums || gc) {  // u = K^T g; gx[src] += u c; gc[q] = sum_i u[i, q] x[i, q]
-          std::fill(u.begin(), u.end(), T(0));
-          for (int64_t r = 0; r < d.DO; ++r)
-            for (int64_t i = 0; i < d.DI; ++i) {
-              const T k = Ke[r * d.DI + i];
-              T* __restrict__ ui = u.data() + i * d.P;
-              const T* __restrict__ gr = gd + r * d.P;
+        if (!gx_sums && !gc) continue;
+        // u[i, q] = sum_r K[r, i] g[r, q];  gx[src, i, q] += u[i, q] c[q];  gc[q] = sum_i u[i, q] x[i, q]
+        T* __restrict__ gxs = gx_sums ? gx_sums + src[e] * in_width + h * DI * P : nullptr;
+        T* __restrict__ gce = gc ? gc + eh * P : nullptr;
 #pragma omp simd
-              for (int64_t q = 0; q < d.P; ++q) ui[q] += k * gr[q];
-            }
-          if (gx_sums) {
-            T* gxs = gx_sums + src[e] * in_width + h * d.DI * d.P;
-            for (int64_t i = 0; i < d.DI; ++i)
-              for (int64_t q = 0; q < d.P; ++q) gxs[i * d.P + q] += ce ? u[i * d.P + q] * ce[q] : u[i * d.P + q];
+        for (int64_t q = 0; q < P; ++q) {
+          T cq = ce ? ce[q] : T(1), gcq = 0;
+          for (int64_t i = 0; i < DI; ++i) {
+            T u = 0;
+            for (int64_t r = 0; r < DO; ++r) u += Ke[r * DI + i] * gd[r * P + q];
+            if (gxs) gxs[i * P + q] += u * cq;
+            gcq += u * xs[i * P + q];
           }
-          if (gc) {
-            T* gce = gc + eh * d.P;
-            for (int64_t q = 0; q < d.P; ++q) gce[q] = 0;
-            for (int64_t i = 0; i < d.DI; ++i)
-              for (int64_t q = 0; q < d.P; ++q) gce[q] += u[i * d.P + q] * xs[i * d.P + q];
-          }
+          if (gce) gce[q] = gcq;
         }
       }
     }
   });
   acc.finish();
+}
+
+// The kernel instance for these sizes: constants for DI = DO in {1, 4, 9}, runtime sizes otherwise.
+template <typename F1, typename F4, typename F9, typename F0>
+auto pick(const Dims& d, F1 f1, F4 f4, F9 f9, F0 f0) {
+  if (d.DI == d.DO && d.DI == 1) return f1;
+  if (d.DI == d.DO && d.DI == 4) return f4;
+  if (d.DI == d.DO && d.DI == 9) return f9;
+  return f0;
 }
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& K, const at::Tensor& c, const at::Tensor& src,
@@ -153,7 +167,9 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& K, const at::Tensor& c
   Dims d = check(x, K, c, src, dst, num_nodes);
   auto out = at::zeros({d.N, d.H, d.DO, d.P}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_aggregate_forward", [&] {
-    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), K.data_ptr<scalar_t>(),
+    auto kernel = pick(d, forward_kernel<scalar_t, 1, 1>, forward_kernel<scalar_t, 4, 4>, forward_kernel<scalar_t, 9, 9>,
+                       forward_kernel<scalar_t, 0, 0>);
+    kernel(x.data_ptr<scalar_t>(), K.data_ptr<scalar_t>(),
                              c.numel() ? c.data_ptr<scalar_t>() : nullptr, src.data_ptr<int64_t>(),
                              dst.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), d);
   });
@@ -169,7 +185,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
   auto gK = need_K ? at::empty_like(K) : at::Tensor();
   auto gc = need_c && c.numel() ? at::empty_like(c) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_aggregate_backward", [&] {
-    backward_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), K.data_ptr<scalar_t>(),
+    auto kernel = pick(d, backward_kernel<scalar_t, 1, 1>, backward_kernel<scalar_t, 4, 4>,
+                       backward_kernel<scalar_t, 9, 9>, backward_kernel<scalar_t, 0, 0>);
+    kernel(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), K.data_ptr<scalar_t>(),
                               c.numel() ? c.data_ptr<scalar_t>() : nullptr, src.data_ptr<int64_t>(),
                               dst.data_ptr<int64_t>(), gx.defined() ? gx.data_ptr<scalar_t>() : nullptr,
                               gK.defined() ? gK.data_ptr<scalar_t>() : nullptr,
