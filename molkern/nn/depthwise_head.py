@@ -5,12 +5,12 @@ vector of type l2 is sum_k w_k(s) V_{l2,k}, with weights w affine in the invaria
 input's vectors of that type (harmonics of the edge, references, attribute products). The kernel matrix is linear
 in the coefficients, so
 
-    K[e, h] = sum_{q = (path, k)} w[e, h, q] B_q[e],     B_q[e] = CG_path . V_{l2,k}[e]   (1 for l2 = 0)
+    K[e, h] = sum_{path, k, j} w[e, h, path, k] V_{l2,k}[e, j] CG_path[j]      (V = 1 for l2 = 0)
 
-where the basis matrices B_q depend on the edge's geometry only. This head computes the same matrices as
-`DepthwiseProduct.kernel_matrices(InvariantWeightedLinear(...))` (same parameters, same values) in four
-matrix products per layer: path weights, channel weights, basis (one matmul against a constant) and their
-contraction, instead of a dozen small per-block products, splits and concatenations per edge.
+This head computes the same matrices as `DepthwiseProduct.kernel_matrices(InvariantWeightedLinear(...))` (same
+parameters, same values) with one matmul for the weights w of all terms (path, k, j), one for the vector
+components V of the terms (a 0/1 selection), their product and one matmul against the Clebsch-Gordan rows (plus
+one matmul for the channel weights), instead of a dozen small per-block products, splits and concatenations.
 """
 
 import torch
@@ -55,7 +55,7 @@ class InvariantDepthwiseHead(nn.Module):
         num_scalars = self.irreps_in[scalar].dim
         self._split = [num_scalars, self.irreps_in.dim - num_scalars][:: 1 if self._scalars_first else -1]
         vector_columns = [c for i, sl in enumerate(in_slices) if i != scalar for c in range(sl.start, sl.stop)]
-        vector_row = {c: r for r, c in enumerate(vector_columns)}  # kernel_in column -> row of the basis matmul
+        vector_row = {c: r for r, c in enumerate(vector_columns)}  # kernel_in column -> row of `_selection`
 
         per_head, d_in, d_out, _ = tp._shape
         cg = tp._cg.view(per_head, d_out * d_in)  # float64, rows: (path, component) of one head
@@ -64,7 +64,7 @@ class InvariantDepthwiseHead(nn.Module):
         count = {ir: mul // tp.heads for mul, ir in tp.irreps_coefficients}
         # one column per (path, vector k, component j) of a head: the product of weight w[h, path, k] and vector
         # component V_{l2,k}[j] (1 for 0e), contracted with the Clebsch-Gordan row of (path, j)
-        terms = []  # (weight column of head 0 minus its block start, vector row or None, cg row)
+        terms = []  # (coefficient block, weight column within one head's part of it, vector row or None, cg row)
         seen, offset = {ir: 0 for ir in count}, 0
         for _, _, ir in tp.paths:
             b = block_of[ir]
