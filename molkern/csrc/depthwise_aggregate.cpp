@@ -154,8 +154,8 @@ void backward_kernel(const T* g, const T* x, const T* K, const T* c, const int64
 }
 
 // The kernel instance for these sizes: constants for DI = DO in {1, 4, 9}, runtime sizes otherwise.
-template <typename F1, typename F4, typename F9, typename F0>
-auto pick(const Dims& d, F1 f1, F4 f4, F9 f9, F0 f0) {
+template <typename F>
+F pick(const Dims& d, F f1, F f4, F f9, F f0) {
   if (d.DI == d.DO && d.DI == 1) return f1;
   if (d.DI == d.DO && d.DI == 4) return f4;
   if (d.DI == d.DO && d.DI == 9) return f9;
