@@ -89,3 +89,16 @@ def test_kernel_aggregate_equals_gather_messages_scatter():
     feats = kernel.prepare(torch.randn(9, 32))
     expected = scatter_sum(kernel.messages(feats[src], edges), dst, 9)
     torch.testing.assert_close(kernel.aggregate(feats, edges, edge_index, 9), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channel_weights", [True, False])
+def test_fused_operators_pass_torch_opcheck(channel_weights):
+    """The torch operators (what graphs traced for torch.compile call): schema, fake (shape-only) implementations
+    and the autograd registration agree with the real ones, with symbolic sizes too."""
+    x, kernels, weights, src, dst = random_inputs(6, 25, 2, 4, 4, 3, channel_weights, torch.float64)
+    weights = x.new_zeros(0) if weights is None else weights
+    x.requires_grad_(), kernels.requires_grad_(), weights.requires_grad_(channel_weights)
+    torch.library.opcheck(torch.ops.molkern.depthwise_aggregate, (x, kernels, weights, src, dst, 6))
+    grad = torch.randn(6, 2, 4, 3, dtype=torch.float64)
+    args = (grad, x.detach(), kernels.detach(), weights.detach(), src, dst, True, True, channel_weights)
+    torch.library.opcheck(torch.ops.molkern.depthwise_aggregate_backward, args)

@@ -15,7 +15,7 @@ import os
 import platform
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -80,33 +80,74 @@ def depthwise_aggregate_reference(x, kernels, channel_weights: Optional[torch.Te
     return scatter_sum(messages.view(num_edges, -1), dst, num_nodes).view(num_nodes, heads, d_out, per_head)
 
 
-class _DepthwiseAggregate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, kernels, channel_weights, src, dst, num_nodes):
-        ctx.num_nodes = num_nodes
-        ctx.save_for_backward(x, kernels, channel_weights, src, dst)
-        empty = x.new_zeros(0) if channel_weights is None else channel_weights
-        return extension().forward(x, kernels, empty, src, dst, num_nodes)
+@torch.library.custom_op("molkern::depthwise_aggregate", mutates_args=())
+def _aggregate(x: torch.Tensor, kernels: torch.Tensor, channel_weights: torch.Tensor, src: torch.Tensor,
+               dst: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """The C++ forward pass; channel_weights: (E, H, P) or empty (none). A torch operator, so that graphs traced
+    for torch.compile (molkern.train.compiled) keep it as one opaque call."""
+    return extension().forward(x, kernels, channel_weights, src, dst, num_nodes)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, kernels, channel_weights, src, dst = ctx.saved_tensors
-        need = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph (e.g. training on forces): differentiable torch operations
-            inputs = [t for t, n in zip((x, kernels, channel_weights), need) if n]
-            out = depthwise_aggregate_reference(x, kernels, channel_weights, src, dst, ctx.num_nodes)
-            grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
-            return tuple(next(grads) if n else None for n in need) + (None, None, None)
-        empty = x.new_zeros(0) if channel_weights is None else channel_weights
-        gx, gk, gc = extension().backward(grad_out.contiguous(), x, kernels, empty, src, dst, *need)
-        return (gx if need[0] else None, gk if need[1] else None,
-                gc if need[2] and channel_weights is not None else None, None, None, None)
+
+@_aggregate.register_fake
+def _(x, kernels, channel_weights, src, dst, num_nodes):
+    return x.new_empty(num_nodes, kernels.shape[1], kernels.shape[2], x.shape[3])
+
+
+@torch.library.custom_op("molkern::depthwise_aggregate_backward", mutates_args=())
+def _aggregate_backward(grad_out: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, channel_weights: torch.Tensor,
+                        src: torch.Tensor, dst: torch.Tensor, need_x: bool, need_kernels: bool,
+                        need_channel_weights: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The C++ backward pass: gradients for x, kernels and channel_weights (empty where not needed)."""
+    grads = extension().backward(grad_out, x, kernels, channel_weights, src, dst, need_x, need_kernels,
+                                 need_channel_weights)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+@_aggregate_backward.register_fake
+def _(grad_out, x, kernels, channel_weights, src, dst, need_x, need_kernels, need_channel_weights):
+    need_channel_weights = need_channel_weights and channel_weights.numel() > 0
+    return tuple(t.new_empty(t.shape) if need else t.new_empty(0)
+                 for t, need in ((x, need_x), (kernels, need_kernels), (channel_weights, need_channel_weights)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, kernels, channel_weights, src, dst, _ = inputs
+    ctx.save_for_backward(x, kernels, channel_weights, src, dst)
+
+
+def _backward(ctx, grad_out):
+    x, kernels, channel_weights, src, dst = ctx.saved_tensors
+    need_x, need_kernels, need_weights = ctx.needs_input_grad[:3]
+    weighted = channel_weights.numel() > 0
+    grad_out = grad_out.contiguous()
+    if not torch.is_grad_enabled():  # a first derivative only: the fused C++ pass
+        gx, gk, gc = _aggregate_backward(grad_out, x, kernels, channel_weights, src, dst, need_x, need_kernels,
+                                         need_weights and weighted)
+        return (gx if need_x else None, gk if need_kernels else None, gc if need_weights and weighted else None,
+                None, None, None)
+    # create_graph (e.g. training on forces): the same gradients in differentiable operations. For x, the sum
+    # runs backwards along the edges with the transposed matrices (channel weights commute with them).
+    gx = gk = gc = None
+    if need_x:
+        gx = _aggregate(grad_out, kernels.transpose(2, 3).contiguous(), channel_weights, dst, src, x.shape[0])
+    if need_kernels or (need_weights and weighted):
+        g_edges = torch.index_select(grad_out, 0, dst)  # (E, H, DO, P)
+        x_edges = torch.index_select(x, 0, src)  # (E, H, DI, P)
+        if need_kernels:
+            scaled = x_edges * channel_weights.unsqueeze(2) if weighted else x_edges
+            gk = g_edges @ scaled.transpose(2, 3)  # (E, H, DO, DI)
+        if need_weights and weighted:
+            gc = ((kernels @ x_edges) * g_edges).sum(2)  # (E, H, P)
+    return gx, gk, gc, None, None, None
+
+
+_aggregate.register_autograd(_backward, setup_context=_setup_context)
 
 
 def depthwise_aggregate(x, kernels, channel_weights: Optional[torch.Tensor], src, dst, num_nodes: int):
     """`depthwise_aggregate_reference`, by the C++ extension where it is available (same shapes)."""
     if extension() is None:
         return depthwise_aggregate_reference(x, kernels, channel_weights, src, dst, num_nodes)
-    contiguous = None if channel_weights is None else channel_weights.contiguous()
-    return _DepthwiseAggregate.apply(x.contiguous(), kernels.contiguous(), contiguous, src.long().contiguous(),
-                                     dst.long().contiguous(), num_nodes)
+    weights = x.new_zeros(0) if channel_weights is None else channel_weights.contiguous()
+    return _aggregate(x.contiguous(), kernels.contiguous(), weights, src.long().contiguous(), dst.long().contiguous(),
+                      num_nodes)

@@ -17,6 +17,7 @@ from .depthwise_head import InvariantDepthwiseHead
 from .edges import Edges
 from .mlp import EquivariantMLP, InvariantWeightedLinear, filter_irreps, irreps_up_to, reachable_irreps
 from .eager import eager_e3nn
+from .fused import extension
 from .scatter import scatter_sum
 from .tracing import is_tracing_for_compile
 
@@ -176,9 +177,10 @@ class ImplicitKernel(nn.Module):
         """Sums of `messages` over each node's incoming edges, in messages' column order: (num_nodes, irreps_out.dim).
 
         node_feats: (N, irreps_in.dim) in the layout `prepare` gives; edge_index: (2, E) [source, target]. The
-        depthwise form runs as one fused pass (molkern.nn.fused) unless fused=False or traced for torch.compile.
+        depthwise form runs as one fused pass (molkern.nn.fused) unless fused=False (or, when traced for
+        torch.compile, the C++ extension is unavailable: Inductor then fuses the torch operations).
         """
-        if self.form == "depthwise" and self.fused and not is_tracing_for_compile():
+        if self.form == "depthwise" and self.fused and (extension() is not None or not is_tracing_for_compile()):
             kernels, channel_weights = self._depthwise_kernels(edges)
             return self.tp.aggregate(node_feats, kernels, edge_index, num_nodes, channel_weights)
         messages = self.messages(torch.index_select(node_feats, 0, edge_index[0]), edges)  # (E, irreps_out.dim)
