@@ -8,6 +8,11 @@ needed (about 30 s; cached under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_ex
 CPU). Where it cannot be built (no C++ compiler), or with MOLKERN_FUSED=0 in the environment, molkern uses the
 plain torch operations, which compute the same sums (tests compare the two: values, first and second
 derivatives).
+
+The pass and its backward are torch operators (`torch.ops.molkern.depthwise_aggregate`, `..._backward`, with
+shape-only "fake" implementations), so graphs traced for torch.compile (molkern.train.compiled) call them as
+they are. Second derivatives (training on forces) use differentiable operations: the sum back along the edges
+with the transposed matrices (the same operator) for the features, per-edge products for the kernel matrices.
 """
 
 import hashlib
