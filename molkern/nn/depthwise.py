@@ -58,6 +58,8 @@ class DepthwiseProduct(nn.Module):
 
     Attributes:
         irreps_coefficients: what the kernel MLP emits, H x (paths through l2) copies of each l2, e3nn layout.
+        dims: (coefficients per head, d_in, d_out, channels per head U / H).
+        cg: (coefficients per head, d_out * d_in) float64 buffer: row (path, j) is s_path C^{l1 l2 l3}[:, j, :].
 
     Shapes:
         prepare: (N, irreps_in.dim) -> (N, irreps_in.dim) head-major
@@ -107,9 +109,9 @@ class DepthwiseProduct(nn.Module):
                 coef_columns[h * per_head + offset + torch.arange(ir.dim)] = start + torch.arange(ir.dim)
             seen[ir] += 1
             offset += ir.dim
-        self._shape = (per_head, d_in, d_out, mul // heads)
+        self.dims = (per_head, d_in, d_out, mul // heads)
         # float64 whatever the default dtype: a model built in float32 and then .double()-ed stays exact
-        self.register_buffer("_cg", cg.flatten(1), persistent=False)
+        self.register_buffer("cg", cg.flatten(1), persistent=False)
         self.register_buffer("_coef_columns", coef_columns, persistent=False)
         self.register_buffer("_coef_inverse", torch.argsort(coef_columns), persistent=False)
         in_columns = _head_major_columns(self.irreps_in, heads)
@@ -125,9 +127,9 @@ class DepthwiseProduct(nn.Module):
 
     def kernel_matrices(self, coefficients: torch.Tensor) -> torch.Tensor:
         """(E, irreps_coefficients.dim) -> (E, H, d_out, d_in): K[e, h]."""
-        per_head, d_in, d_out, _ = self._shape
+        per_head, d_in, d_out, _ = self.dims
         c = permute_columns(coefficients, self._coef_columns, self._coef_inverse)  # (E, H * per_head)
-        return (c.view(-1, per_head) @ self._cg.to(c.dtype)).view(-1, self.heads, d_out, d_in)
+        return (c.view(-1, per_head) @ self.cg.to(c.dtype)).view(-1, self.heads, d_out, d_in)
 
     def forward(self, x: torch.Tensor, kernels: torch.Tensor, channel_weights=None) -> torch.Tensor:
         """Messages K[e, head(u)] x[e, u] (times channel_weights[e, u] if given), head-major: (E, irreps_out.dim).
@@ -135,7 +137,7 @@ class DepthwiseProduct(nn.Module):
         kernels: (E, H, d_out, d_in) kernel matrices (`kernel_matrices`); channel_weights: optional (E, U)
         invariant per-channel factors (U = multiplicity; channel u = h U/H + q).
         """
-        _, d_in, d_out, per_head_channels = self._shape
+        _, d_in, d_out, per_head_channels = self.dims
         num_edges = x.shape[0]
         kernels = kernels.reshape(-1, d_out, d_in)  # (E * H, d_out, d_in)
         x = x.view(-1, d_in, per_head_channels)  # (E * H, d_in, U / H)
@@ -154,7 +156,7 @@ class DepthwiseProduct(nn.Module):
         node_feats: (N_src, irreps_in.dim) head-major (from `prepare`); kernels, channel_weights: as forward;
         edge_index: (2, E) [source, target] -> (num_nodes, irreps_out.dim) head-major.
         """
-        _, d_in, _, per_head_channels = self._shape
+        _, d_in, _, per_head_channels = self.dims
         x = node_feats.view(-1, self.heads, d_in, per_head_channels)
         weights = None if channel_weights is None else channel_weights.view(-1, self.heads, per_head_channels)
         sums = depthwise_aggregate(x, kernels, weights, edge_index[0], edge_index[1], num_nodes)

@@ -47,7 +47,7 @@ class InvariantDepthwiseHead(nn.Module):
         self.register_buffer("_scale", linear._scale, persistent=False)
 
         in_slices = self.irreps_in.slices()
-        scalar = linear._scalar_index
+        scalar = linear.scalar_index
         if scalar not in (0, len(self.irreps_in) - 1):
             raise ValueError(f"irreps_kernel_in {self.irreps_in} must have its 0e block first or last")
         # one split (its backward one cat) rather than two slices (two zero-filled gradients) per layer
@@ -57,10 +57,10 @@ class InvariantDepthwiseHead(nn.Module):
         vector_columns = [c for i, sl in enumerate(in_slices) if i != scalar for c in range(sl.start, sl.stop)]
         vector_row = {c: r for r, c in enumerate(vector_columns)}  # kernel_in column -> row of `_selection`
 
-        per_head, d_in, d_out, _ = tp._shape
-        cg = tp._cg.view(per_head, d_out * d_in)  # float64, rows: (path, component) of one head
+        per_head, d_in, d_out, _ = tp.dims
+        cg = tp.cg.view(per_head, d_out * d_in)  # float64, rows: (path, component) of one head
         block_of = {ir: b for b, (_, ir) in enumerate(tp.irreps_coefficients)}
-        weight_start = [0] + torch.tensor(linear._widths).cumsum(0).tolist()
+        weight_start = [0] + torch.tensor(linear.widths).cumsum(0).tolist()
         count = {ir: mul // tp.heads for mul, ir in tp.irreps_coefficients}
         # one column per (path, vector k, component j) of a head: the product of weight w[h, path, k] and vector
         # component V_{l2,k}[j] (1 for 0e), contracted with the Clebsch-Gordan row of (path, j)
@@ -68,14 +68,14 @@ class InvariantDepthwiseHead(nn.Module):
         seen, offset = {ir: 0 for ir in count}, 0
         for _, _, ir in tp.paths:
             b = block_of[ir]
-            source, _, k, d = linear._blocks[b]
+            source, _, k, d = linear.blocks[b]
             for kk in range(k):
                 for j in range(d):
                     row = None if source is None else vector_row[in_slices[source].start + kk * d + j]
                     terms.append((b, seen[ir] * k + kk, row, offset + j))
             seen[ir] += 1
             offset += ir.dim
-        weight_columns = [weight_start[b] + h * count[tp.irreps_coefficients[b].ir] * linear._blocks[b][2] + c
+        weight_columns = [weight_start[b] + h * count[tp.irreps_coefficients[b].ir] * linear.blocks[b][2] + c
                           for h in range(tp.heads) for b, c, _, _ in terms]
         selection = torch.zeros(len(vector_columns), len(terms), dtype=torch.float64)
         constant = torch.zeros(len(terms), dtype=torch.float64)

@@ -159,6 +159,11 @@ class InvariantWeightedLinear(nn.Module):
         irreps_in: each irrep type at most once; must contain 0e (the invariants).
         irreps_out: 0e blocks and blocks of types present in irreps_in.
 
+    Attributes (the layout of `weight`'s columns, for layers that share its parameters):
+        scalar_index: index of the 0e block in irreps_in.
+        blocks: per output block, (input block of its vectors or None for 0e, mul_out, K vectors, irrep dim).
+        widths: weight columns per output block (mul_out K), in order.
+
     Shapes:
         x: (B, irreps_in.dim) -> (B, irreps_out.dim)
     """
@@ -171,30 +176,30 @@ class InvariantWeightedLinear(nn.Module):
             raise ValueError(f"irreps_in must hold each irrep type at most once, 0e included; got {self.irreps_in}")
         scalar = types.index(o3.Irrep("0e"))
         self._in_sizes = [mul_ir.dim for mul_ir in self.irreps_in]
-        self._scalar_index, num_scalars = scalar, self.irreps_in[scalar].mul
+        self.scalar_index, num_scalars = scalar, self.irreps_in[scalar].mul
         vectors = {ir: (i, mul) for i, (mul, ir) in enumerate(self.irreps_in) if ir != o3.Irrep("0e")}
-        self._blocks = []  # per output block: (input block or None for 0e, mul_out, K, d)
+        self.blocks = []  # per output block: (input block or None for 0e, mul_out, K, d)
         for mul, ir in self.irreps_out:
             if ir == o3.Irrep("0e"):
-                self._blocks.append((None, mul, 1, 1))
+                self.blocks.append((None, mul, 1, 1))
             elif ir in vectors:
                 i, k = vectors[ir]
-                self._blocks.append((i, mul, k, ir.dim))
+                self.blocks.append((i, mul, k, ir.dim))
             else:
                 raise ValueError(f"irreps_out {self.irreps_out} has {ir}, which {self.irreps_in} does not contain")
-        self._widths = [mul * k for _, mul, k, _ in self._blocks]
+        self.widths = [mul * k for _, mul, k, _ in self.blocks]
         # e3nn's parametrisation: unit-normal weights, 1 / sqrt(fan-in) in the forward pass (fan-in S K)
-        self.weight = nn.Parameter(torch.randn(num_scalars, sum(self._widths)))
-        self.bias = nn.Parameter(torch.zeros(sum(self._widths)))
-        scale = [(num_scalars * k) ** -0.5 for _, mul, k, _ in self._blocks for _ in range(mul * k)]
+        self.weight = nn.Parameter(torch.randn(num_scalars, sum(self.widths)))
+        self.bias = nn.Parameter(torch.zeros(sum(self.widths)))
+        scale = [(num_scalars * k) ** -0.5 for _, mul, k, _ in self.blocks for _ in range(mul * k)]
         self.register_buffer("_scale", torch.tensor(scale), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = torch.split(x, self._in_sizes, dim=-1)
         rows = x.shape[0]
-        weights = torch.addmm(self.bias, parts[self._scalar_index], self.weight * self._scale)  # (B, sum widths)
+        weights = torch.addmm(self.bias, parts[self.scalar_index], self.weight * self._scale)  # (B, sum widths)
         out = []
-        for w, (i, mul, k, d) in zip(torch.split(weights, self._widths, dim=-1), self._blocks):
+        for w, (i, mul, k, d) in zip(torch.split(weights, self.widths, dim=-1), self.blocks):
             if i is None:
                 out.append(w)
             elif k == 1:  # (B, mul, 1) x (B, 1, d)
