@@ -1,4 +1,5 @@
-"""``python -m benchmarks run [--quick] [--out DIR] ...`` (the suite) and ``... worker`` (one measurement)."""
+"""``python -m benchmarks run [--quick] [--out DIR] ...`` (the suite), ``... report DIR`` (its tables and plots
+again from DIR/benchmarks.json) and ``... worker`` (one measurement)."""
 
 import argparse
 import json
@@ -28,11 +29,16 @@ def worker(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("run", "worker"):
+    if not argv or argv[0] not in ("run", "report", "worker"):
         raise SystemExit("usage: python -m benchmarks run [--quick] [--out DIR] [--models ...]   "
-                         "(python -m benchmarks run --help for all options)")
+                         "(python -m benchmarks run --help for all options)\n"
+                         "       python -m benchmarks report DIR   (tables and plots again from DIR/benchmarks.json)")
     if argv[0] == "worker":
         worker(argv[1:])
+    elif argv[0] == "report":
+        from .suite import report
+
+        report(argv[1:])
     else:
         from .suite import run
 

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from molkern.io import atomic_write
+
 from .models import model_specs, unavailable_reason
 from .qm9_throughput import cpu_model, worker_env
 
@@ -216,10 +218,32 @@ def parse_args(argv=None):
     return args
 
 
-def run(argv=None) -> dict:
-    """The suite's entry point (``python -m benchmarks run``); returns the result dict it wrote."""
+def report_from(result: dict, out: Path) -> dict:
+    """Merge the rounds of ``result`` (the suite's JSON), evaluate the targets and write JSON, markdown and plots."""
     from . import report
 
+    result["results"] = {task: {name: merge_rounds(rows) for name, rows in by_model.items()}
+                         for task, by_model in result["rounds"].items()}
+    result["targets"] = report.targets(result)
+    report.write_all(result, out)
+    print(f"wrote {out}/benchmarks.json, benchmarks.md, README_snippet.md and plots", file=sys.stderr)
+    return result
+
+
+def report(argv=None) -> dict:
+    """``python -m benchmarks report DIR``: the tables and plots again from DIR/benchmarks.json (e.g. of a run
+    that was cut short: every finished measurement is in it)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks report", description=report.__doc__)
+    parser.add_argument("dir", help="output directory of a `python -m benchmarks run`")
+    out = Path(parser.parse_args(argv).dir)
+    path = out / "benchmarks.json"
+    if not path.is_file():
+        parser.error(f"{path} does not exist")
+    return report_from(json.loads(path.read_text()), out)
+
+
+def run(argv=None) -> dict:
+    """The suite's entry point (``python -m benchmarks run``); returns the result dict it wrote."""
     args = parse_args(argv)
     settings = settings_for(args)
     specs = model_specs()
@@ -245,6 +269,16 @@ def run(argv=None) -> dict:
     else:  # one process per (task, model); models alternate within each task
         plan = [([t], m) for t in tasks for m in (["-"] if t == "machine" else models) if m == "-" or applies(t, m)]
     plan = [(ts, m) for ts, m in plan if ts]
+    result = {
+        "command": "python -m benchmarks run " + " ".join(argv if argv is not None else sys.argv[2:]),
+        "machine": machine_info(),
+        "settings": {**settings, "models": args.models, "tasks": args.tasks,
+                     "date": datetime.datetime.now().isoformat(timespec="seconds")},
+        "method": METHOD,
+        "models": {name: {**specs[name], "status": f"skipped: {skipped[name]}" if name in skipped else "run"}
+                   for name in args.models},
+        "rounds": raw,
+    }
     for r in range(settings["rounds"]):
         for task_list, name in plan:
             for row in spawn(task_list, name, settings):
@@ -252,21 +286,9 @@ def run(argv=None) -> dict:
                 state = "ok" if row.get("status") == "ok" else row.get("status", "?").strip().splitlines()[-1][:200]
                 print(f"round {r + 1}/{settings['rounds']} {row['task']} {name}: {state} "
                       f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    results = {task: {name: merge_rounds(rows) for name, rows in by_model.items()} for task, by_model in raw.items()}
-    result = {
-        "command": "python -m benchmarks run " + " ".join(argv if argv is not None else sys.argv[2:]),
-        "machine": machine_info(),
-        "settings": {**settings, "models": args.models, "tasks": args.tasks,
-                     "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                     "wall_time_s": time.perf_counter() - start, "loadavg_1_5_15_at_end": os.getloadavg()},
-        "method": METHOD,
-        "models": {name: {**specs[name], "status": f"skipped: {skipped[name]}" if name in skipped else "run"}
-                   for name in args.models},
-        "results": results,
-        "rounds": raw,
-    }
-    result["targets"] = report.targets(result)
-    report.write_all(result, out)
-    print(f"wrote {out}/benchmarks.json, benchmarks.md, README_snippet.md and plots "
-          f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+            # every measurement so far, in case the run is cut short (`python -m benchmarks report DIR`)
+            atomic_write(out / "benchmarks.json", json.dumps(result, indent=2))
+    result["settings"].update(wall_time_s=time.perf_counter() - start, loadavg_1_5_15_at_end=os.getloadavg())
+    atomic_write(out / "benchmarks.json", json.dumps(result, indent=2))
+    report_from(result, out)
     return result

@@ -121,6 +121,7 @@ def bench():
     import benchmarks.flops
     import benchmarks.models
     import benchmarks.peers.painn
+    import benchmarks.report
     import benchmarks.suite
     import benchmarks.systems
 
@@ -173,6 +174,28 @@ def test_suite_quick(bench, tmp_path, monkeypatch):
     snippet = (out / "README_snippet.md").read_text()
     assert snippet.startswith("### Performance (CPU)") and "python -m benchmarks run --quick" in snippet
     assert (out / "scaling.png").stat().st_size > 0 and (out / "throughput.png").stat().st_size > 0
+
+    (out / "benchmarks.md").unlink()  # `python -m benchmarks report DIR` rebuilds the tables from the JSON
+    again = bench.suite.report([str(out)])
+    assert again["targets"] == json.loads(json.dumps(result["targets"])) and (out / "benchmarks.md").read_text() == table
+
+
+def test_targets_compare_kernels_and_peers(bench):
+    """The targets rows: ratios of the rates that ran, in the right direction; missing measurements give no verdict."""
+    models = {"molkern-depthwise-l2": {"family": "molkern", "lmax": 2, "kernel": "depthwise", "status": "run"},
+              "molkern-standard-l2": {"family": "molkern", "lmax": 2, "kernel": "standard", "status": "run"},
+              "nequip-l2": {"family": "nequip", "lmax": 2, "status": "run"}}
+    qm9 = {"molkern-depthwise-l2": {"status": "ok", "train_energy_mol_per_s": 600.0, "train_forces_mol_per_s": 200.0},
+           "molkern-standard-l2": {"status": "ok", "train_energy_mol_per_s": 300.0},
+           "nequip-l2": {"status": "ok", "train_energy_mol_per_s": 150.0, "train_forces_mol_per_s": 80.0}}
+    rows = {r["target"]: r for r in bench.report.targets({"models": models, "results": {"qm9": qm9}})}
+    step = rows["molkern-depthwise-l2 training step time / molkern-standard-l2"]
+    assert step["value"] == 0.5 and step["met"] is True
+    assert rows["molkern-depthwise-l2 training mol/s / nequip-l2"]["value"] == 4.0
+    e_f = rows["molkern-depthwise-l2 E+F training mol/s / nequip-l2"]
+    assert e_f["value"] == 2.5 and e_f["met"] is False
+    assert rows["molkern-standard-l2 training mol/s / nequip-l2"]["met"] is False  # 2x < 3x
+    assert rows["molkern-depthwise-l2 conv fwd GFLOP/s / matmul peak"]["met"] is None  # not measured
 
 
 def test_suite_rejects_unknown_model(bench, tmp_path):
