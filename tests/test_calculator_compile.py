@@ -51,3 +51,30 @@ def test_compile_is_opt_in():
     torch.manual_seed(0)
     calc = MolkernCalculator(EnergyModule(ELEMENTS, model=MODEL))
     assert calc.compile is False
+
+
+@pytest.mark.slow  # three Inductor compilations of the one-block model
+def test_compiled_energy_forces_graph_per_batch_kind_and_size():
+    """CompiledEnergyForces keeps separate graphs for one structure and for batches (a graph traced on one
+    structure has that size fixed at 1), and for small batches (torch form of the convolution sums) and large
+    ones (the fused C++ sums in the graph): each equals eager."""
+    from torch_geometric.data import Batch, Data
+
+    from molkern.train.compiled import CompiledEnergyForces
+    from molkern.train.energy import energy_forces_stress
+
+    torch.manual_seed(0)
+    module = EnergyModule(ELEMENTS, model=MODEL).eval()
+    calc = MolkernCalculator(module, dtype="float32")
+    one = calc.batch(molecule("CH3CH2OH"))  # 72 edges: small
+    big_one = calc.batch(molecule("C6H6"))  # 132 edges: large
+    fields = lambda b: {k: b[k] for k in b.keys() if k not in ("batch", "ptr")}  # noqa: E731
+    several = Batch.from_data_list([Data(**fields(calc.batch(molecule(n)))) for n in ("CH3CH2OH", "CH4", "CH3OH")])
+    fast = CompiledEnergyForces(module, small_edges=100)
+    for batch in (one, several, big_one, one):
+        energy, forces = fast(batch)
+        with torch.enable_grad():
+            ref = energy_forces_stress(module, batch, forces=True)
+        torch.testing.assert_close(energy, ref["energy"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(forces, ref["forces"], rtol=1e-4, atol=1e-6)
+    assert sorted(key[-2:] for key in fast.graphs) == [(False, False), (False, True), (True, True)]

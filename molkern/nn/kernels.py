@@ -19,7 +19,7 @@ from .mlp import EquivariantMLP, InvariantWeightedLinear, filter_irreps, irreps_
 from .eager import eager_e3nn
 from .fused import extension
 from .scatter import scatter_sum
-from .tracing import is_tracing_for_compile
+from .tracing import fused_sums_in_trace, is_tracing_for_compile
 
 
 def kernel_irreps(irreps_in: o3.Irreps, irreps_out: o3.Irreps) -> List[o3.Irrep]:
@@ -178,9 +178,11 @@ class ImplicitKernel(nn.Module):
 
         node_feats: (N, irreps_in.dim) in the layout `prepare` gives; edge_index: (2, E) [source, target]. The
         depthwise form runs as one fused pass (molkern.nn.fused) unless fused=False (or, when traced for
-        torch.compile, the C++ extension is unavailable: Inductor then fuses the torch operations).
+        torch.compile, the C++ extension is unavailable or the trace asks for the torch form: Inductor then fuses
+        the torch operations).
         """
-        if self.form == "depthwise" and self.fused and (extension() is not None or not is_tracing_for_compile()):
+        fused = not is_tracing_for_compile() or (fused_sums_in_trace() and extension() is not None)
+        if self.form == "depthwise" and self.fused and fused:
             kernels, channel_weights = self._depthwise_kernels(edges)
             return self.tp.aggregate(node_feats, kernels, edge_index, num_nodes, channel_weights)
         messages = self.messages(torch.index_select(node_feats, 0, edge_index[0]), edges)  # (E, irreps_out.dim)
