@@ -15,10 +15,12 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def _scaling_flatness(result, name, key="us_per_atom"):
-    """(max / min ``key`` over the measured boxes, smallest atoms, largest atoms) or None."""
+def _scaling_flatness(result, name, key="us_per_atom", min_atoms=100):
+    """(max / min ``key`` over the measured boxes of at least ``min_atoms`` atoms (the issue's range starts at
+    100), smallest atoms, largest atoms) or None."""
     row = result["results"].get("scaling", {}).get(name, {})
-    pts = [p for p in row.get("points", []) if p.get("status") == "ok" and p.get(key) is not None]
+    pts = [p for p in row.get("points", [])
+           if p.get("status") == "ok" and p.get(key) is not None and p["atoms"] >= min_atoms]
     if len(pts) < 2:
         return None
     costs = [p[key] for p in pts]

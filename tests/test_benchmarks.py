@@ -188,7 +188,13 @@ def test_targets_compare_kernels_and_peers(bench):
     qm9 = {"molkern-depthwise-l2": {"status": "ok", "train_energy_mol_per_s": 600.0, "train_forces_mol_per_s": 200.0},
            "molkern-standard-l2": {"status": "ok", "train_energy_mol_per_s": 300.0},
            "nequip-l2": {"status": "ok", "train_energy_mol_per_s": 150.0, "train_forces_mol_per_s": 80.0}}
-    rows = {r["target"]: r for r in bench.report.targets({"models": models, "results": {"qm9": qm9}})}
+    boxes = [(81, 300.0), (192, 200.0), (10125, 210.0)]  # the range starts at 100 atoms
+    scaling = {"molkern-depthwise-l2": {"status": "ok", "points": [
+        {"status": "ok", "atoms": n, "us_per_atom": us} for n, us in boxes]}}
+    results = {"qm9": qm9, "scaling": scaling}
+    rows = {r["target"]: r for r in bench.report.targets({"models": models, "results": results})}
+    flat = rows["molkern-depthwise-l2 E+F us/atom max/min, 192-10125 atoms"]
+    assert flat["value"] == 1.05 and flat["met"] is True
     step = rows["molkern-depthwise-l2 training step time / molkern-standard-l2"]
     assert step["value"] == 0.5 and step["met"] is True
     assert rows["molkern-depthwise-l2 training mol/s / nequip-l2"]["value"] == 4.0
