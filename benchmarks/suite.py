@@ -114,7 +114,7 @@ def spawn(tasks: list, name: str, settings: dict) -> list:
         try:
             proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
                                   timeout=settings["worker_timeout_s"])
-            error = None if proc.returncode == 0 and out.is_file() else f"failed: {proc.stderr.strip()[-2000:]}"
+            error = None if proc.returncode == 0 and out.is_file() else f"failed: {_exit_reason(proc)}"
         except subprocess.TimeoutExpired:
             error = f"failed: timeout after {settings['worker_timeout_s']} s"
         if error:
@@ -123,6 +123,19 @@ def spawn(tasks: list, name: str, settings: dict) -> list:
         for row in rows:
             row["process_wall_s"] = time.perf_counter() - start
         return rows
+
+
+def _exit_reason(proc: subprocess.CompletedProcess) -> str:
+    """The worker's error output, or how it ended when it wrote none (e.g. killed by the OOM killer: SIGKILL)."""
+    if proc.stderr.strip():
+        return proc.stderr.strip()[-2000:]
+    if proc.returncode < 0:
+        import signal
+
+        name = signal.Signals(-proc.returncode).name
+        hint = " (likely out of memory)" if name == "SIGKILL" else ""
+        return f"worker killed by {name}{hint}"
+    return f"worker exited with code {proc.returncode} and no output"
 
 
 def _better(key: str, a, b):

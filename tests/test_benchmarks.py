@@ -376,3 +376,12 @@ def test_painn_reimplementation_equals_schnetpack(bench, monkeypatch):
     f_ref, f_ours = (torch.autograd.grad(e.sum(), pos)[0] for e in (e_ref, e_ours))
     torch.testing.assert_close(f_ours, f_ref)
     assert e_ref.abs().min() > 0
+
+
+def test_worker_exit_reason_names_a_silent_kill(bench):
+    import subprocess
+
+    killed = subprocess.CompletedProcess([], -9, "", "")
+    assert bench.suite._exit_reason(killed) == "worker killed by SIGKILL (likely out of memory)"
+    assert bench.suite._exit_reason(subprocess.CompletedProcess([], 1, "", "Traceback: boom\n")) == "Traceback: boom"
+    assert "code 3" in bench.suite._exit_reason(subprocess.CompletedProcess([], 3, "", ""))
