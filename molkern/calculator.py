@@ -21,7 +21,9 @@ Graphs (``module.graph_spec["graph"]``):
       fixed bonds on them (zeros for non-bonded pairs).
 
 The calculator runs the module in eval mode in its own dtype (``dtype=`` casts it once) and never changes
-torch's global state (default dtype, number of threads, grad mode).
+torch's global state (default dtype, number of threads, grad mode). Eager calls run within
+:func:`molkern.nn.constant_parameters` (weights folded into cached dense matrices, so a small molecule's call
+issues far fewer PyTorch operations; the caches follow any change of the weights).
 
 ``compile=True`` (opt-in; eager is the default) evaluates energy and forces with
 :class:`molkern.train.compiled.CompiledEnergyForces`: one compiled graph of the whole energy+forces call, for
@@ -45,6 +47,7 @@ from torch_geometric.data import Batch
 
 from .data.atoms import one_hot_elements
 from .data.neighbors import radius_edges
+from .nn.constants import constant_parameters
 
 __all__ = ["MolkernCalculator"]
 
@@ -187,7 +190,7 @@ class MolkernCalculator(Calculator):
             energy, forces = self._compiled(batch)
             out = {"energy": energy, "forces": forces}
         else:
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), constant_parameters():
                 out = energy_forces_stress(self.module, batch, forces=True, stress=want_stress)
         energy = float(out["energy"][0])
         self.results = {

@@ -8,6 +8,7 @@ from torch import nn
 
 from .mlp import BatchNorm, EquivariantMLP, filter_irreps, irreps_up_to, reachable_irreps
 from .radial import BesselBasis, PolynomialCutoff
+from .constants import cached, parameters_constant
 from .eager import eager_e3nn
 from .harmonics import spherical_harmonics
 
@@ -169,6 +170,20 @@ class EdgeEmbedding(nn.Module):
             self.irreps_kernel_in = o3.Irreps(f"{trunk_width}x0e") + o3.Irreps(
                 [mul_ir for mul_ir in self.irreps_front if mul_ir.ir != o3.Irrep("0e")])
 
+    def _norm_folded(self) -> bool:
+        """Whether the eval-mode BatchNorm of the harmonics is folded into their scale (constant parameters)."""
+        return self.harmonics_norm is not None and not self.harmonics_norm.training and parameters_constant()
+
+    def _harmonics_scale(self) -> torch.Tensor:
+        """Per-column factor of the harmonics: unit second moment, times the BatchNorm's when folded (in eval
+        mode it multiplies each l > 0 component by a constant; its running statistics and weights are buffers
+        and parameters, hence cached)."""
+        if not self._norm_folded():
+            return self.harmonics_scale
+        norm = self.harmonics_norm
+        sources = [self.harmonics_scale] + list(norm.parameters()) + list(norm.buffers())
+        return cached(self, "harmonics_scale", sources, lambda: norm(self.harmonics_scale[None])[0])
+
     def forward(
         self,
         edge_vec: torch.Tensor,
@@ -210,8 +225,8 @@ class EdgeEmbedding(nn.Module):
         # |x/c|^l Y_l(x/c), scaled to unit second moment for points uniform in the cutoff ball
         harmonics = spherical_harmonics(  # e3nn's o3.spherical_harmonics of edge_vec / cutoff, in fewer ops
             self.irreps_harmonics, edge_vec, normalize=False, normalization="component", input_scale=1 / self.cutoff
-        ) * self.harmonics_scale  # (E, irreps_harmonics.dim)
-        if self.harmonics_norm is not None:
+        ) * self._harmonics_scale()  # (E, irreps_harmonics.dim)
+        if self.harmonics_norm is not None and not self._norm_folded():
             harmonics = self.harmonics_norm(harmonics)
         parts = scalars + [harmonics, vectors]
         if self.products is not None:

@@ -5,6 +5,7 @@ from typing import List
 import torch
 from e3nn import o3
 
+from .constants import cached, parameters_constant
 from .eager import eager_e3nn
 
 
@@ -34,12 +35,26 @@ class ScalarAttributeTensorProduct(o3.FullyConnectedTensorProduct):
             self._paths[ins.i_out].append((ins.i_in1, ins.i_in2, start, stop, coefficient))
         self._in1_dims = [mul_ir.dim for mul_ir in self.irreps_in1]
         self._in2_dims = [mul_ir.dim for mul_ir in self.irreps_in2]
+        # per output block: (input block, first column in `_weights_by_attribute`) of each input block feeding it
+        self._pairs: List[list] = []
+        columns = 0
+        for (mul, _), paths in zip(self.irreps_out, self._paths):
+            inputs = sorted({i1 for i1, *_ in paths})
+            self._pairs.append([])
+            for i1 in inputs:
+                self._pairs[-1].append((i1, columns))
+                columns += self.irreps_in1[i1].mul * mul
+        self._pair_columns = columns
+        # within constant_parameters: per-node weight matrices (N x columns numbers) up to this many rows
+        self.max_constant_rows = (1 << 22) // max(columns, 1)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, weight=None) -> torch.Tensor:
         if weight is not None:
             raise ValueError("ScalarAttributeTensorProduct uses its internal weights")
         n = x.shape[0]
         x_blocks = torch.split(x, self._in1_dims, dim=-1)
+        if parameters_constant() and n <= self.max_constant_rows:
+            return self._forward_per_node_weights(x_blocks, z)
         z_blocks = torch.split(z, self._in2_dims, dim=-1)
         out = []
         for (mul, ir), paths in zip(self.irreps_out, self._paths):
@@ -48,10 +63,38 @@ class ScalarAttributeTensorProduct(o3.FullyConnectedTensorProduct):
                 u, v = self.irreps_in1[i1].mul, self.irreps_in2[i2].mul
                 xz = x_blocks[i1].view(n, u, 1, ir.dim) * z_blocks[i2].view(n, 1, v, 1)  # (N, U, V, d)
                 w = self.weight[start:stop].view(u * v, mul) * c  # (U V, W)
-                if ir.dim == 1:
-                    block = block + xz.view(n, u * v) @ w  # (N, W)
-                else:
-                    y = xz.view(n, u * v, ir.dim).transpose(1, 2) @ w  # (N, d, W)
-                    block = block + y.transpose(1, 2).reshape(n, mul * ir.dim)
+                # one mm on (N d, U V) rows (a 3-d @ 2-d matmul whose second factor needs no gradient is a bmm
+                # against N copies of it)
+                y = xz.view(n, u * v, ir.dim).transpose(1, 2).reshape(n * ir.dim, u * v) @ w  # (N d, W)
+                block = block + y.view(n, ir.dim, mul).transpose(1, 2).reshape(n, mul * ir.dim)
             out.append(block)
         return torch.cat(out, dim=-1)
+
+    def _forward_per_node_weights(self, x_blocks, z: torch.Tensor) -> torch.Tensor:
+        """Constant parameters: each node's (W, U) matrix of every (input block -> output block) pair is
+        sum_v z_v W_v, one matmul of z with the cached stacked weights; then one bmm per pair."""
+        n = z.shape[0]
+        per_node = z @ cached(self, "weights_by_attribute", (self.weight,), self._weights_by_attribute)
+        out = []
+        for (mul, ir), pairs in zip(self.irreps_out, self._pairs):
+            block = per_node.new_zeros(n, mul * ir.dim) if not pairs else 0
+            for i1, start in pairs:
+                u = self.irreps_in1[i1].mul
+                w = per_node[:, start : start + u * mul].view(n, mul, u)  # (N, W, U)
+                block = block + torch.bmm(w, x_blocks[i1].view(n, u, ir.dim)).view(n, mul * ir.dim)  # (N, W, d)
+            out.append(block)
+        return torch.cat(out, dim=-1)
+
+    def _weights_by_attribute(self) -> torch.Tensor:
+        """(irreps_in2.dim, columns) matrix: row v holds, for every (input, output block) pair, the (U, W) weights
+        of attribute component v (times the path coefficient) as a (W, U) matrix, at the pair's columns in `_pairs`."""
+        stacked = self.weight.new_zeros(self.irreps_in2.dim, self._pair_columns)
+        z_start = [sl.start for sl in self.irreps_in2.slices()]
+        for (mul, _), paths, pairs in zip(self.irreps_out, self._paths, self._pairs):
+            column = dict(pairs)
+            for i1, i2, start, stop, c in paths:
+                u, v = self.irreps_in1[i1].mul, self.irreps_in2[i2].mul
+                w = self.weight[start:stop].view(u, v, mul) * c
+                rows = slice(z_start[i2], z_start[i2] + v)
+                stacked[rows, column[i1] : column[i1] + u * mul] += w.permute(1, 2, 0).reshape(v, u * mul)
+        return stacked

@@ -1,0 +1,60 @@
+"""Inference with constant parameters: layers fold their weights into a few dense matrices, computed once.
+
+An energy-and-forces call (an MD step, a relaxation step) differentiates with respect to positions only. Within
+`constant_parameters()`, layers treat their parameters and buffers as constants: e.g. an e3nn Linear becomes one
+matmul with a cached dense matrix instead of a dozen operations per irrep forward and again backward, and the
+per-irrep scales of an eval-mode BatchNorm become one multiplication. Values are those of the ordinary forward
+(up to float rounding); only the number of PyTorch operations per call changes, which is what one small
+molecule's latency on a CPU is made of. `molkern.calculator.MolkernCalculator` runs in this mode.
+
+Gradients with respect to the parameters are incomplete inside the block (the cached matrices are detached
+constants): do not train in it. A cached
+matrix is rebuilt whenever a tensor it was derived from changes (an optimizer step, `load_state_dict`, a dtype
+or device change), so keeping the block open across such changes is safe. Graphs traced for torch.compile
+ignore the mode.
+"""
+
+from contextlib import contextmanager
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .tracing import is_tracing_for_compile
+
+_active = False
+
+
+@contextmanager
+def constant_parameters(enabled: bool = True):
+    """Within this block (if enabled), molkern layers treat parameters and buffers as constants (see the module)."""
+    global _active
+    previous, _active = _active, bool(enabled)
+    try:
+        yield
+    finally:
+        _active = previous
+
+
+def parameters_constant() -> bool:
+    """Whether layers may use `cached` matrices now (inside `constant_parameters`, not while tracing for compile)."""
+    return _active and not is_tracing_for_compile()
+
+
+def cached(module: nn.Module, name: str, sources: Iterable[torch.Tensor], build: Callable[[], torch.Tensor]):
+    """`build()` (a tensor or a tuple of tensors; run under no_grad), kept on `module` until one of `sources` changes.
+
+    sources: the tensors the result is derived from (parameters, buffers); a change of any one's storage,
+    in-place version, dtype or device rebuilds it.
+    """
+    sources = [t.detach() for t in sources]  # kept with the result: their storage cannot be freed and reused
+    key = [(t.data_ptr(), t._version, t.dtype, t.device) for t in sources]
+    store = module.__dict__.setdefault("_constant_cache", {})
+    hit = store.get(name)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            built = build()
+            built = built.detach() if isinstance(built, torch.Tensor) else tuple(t.detach() for t in built)
+            hit = (key, built, sources)
+        store[name] = hit
+    return hit[1]

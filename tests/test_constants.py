@@ -1,0 +1,118 @@
+"""molkern.nn.constant_parameters: the same energies and forces in fewer operations, caches that follow the weights."""
+
+import copy
+
+import pytest
+import torch
+from ase.build import molecule
+from e3nn import o3
+
+from molkern.calculator import MolkernCalculator
+from molkern.nn.constants import constant_parameters
+from molkern.nn.linear import Linear
+from molkern.nn.self_connection import ScalarAttributeTensorProduct
+from molkern.train.energy import EnergyModule, energy_forces_stress
+
+from conftest import count_ops
+
+ELEMENTS = ["H", "C", "N", "O"]
+MODELS = {
+    "depthwise": dict(cutoff=4.0, num_channels=8, lmax=2, num_layers=2, kernel_mlp_width=4, avg_num_neighbors=8.0),
+    "standard": dict(cutoff=4.0, num_channels=8, lmax=2, num_layers=2, kernel="standard", avg_num_neighbors=8.0),
+}
+
+
+def make_module(name, seed=0):
+    torch.manual_seed(seed)
+    module = EnergyModule(ELEMENTS, model=MODELS[name], data_init=False).double().eval()
+    for p in module.parameters():  # away from the initialisation (e.g. batch-norm weights of 1)
+        p.data.add_(0.1 * torch.randn_like(p))
+    for name_, b in module.named_buffers():
+        if name_.endswith("running_var"):
+            b.uniform_(0.5, 2.0)
+    return module
+
+
+def molecule_batch(module, name="CH3CH2OH", seed=0):
+    atoms = molecule(name)
+    atoms.rattle(0.05, seed=seed)
+    return MolkernCalculator(module).batch(atoms)
+
+
+def energy_forces(module, batch, constant):
+    with constant_parameters(constant):
+        out = energy_forces_stress(module, batch, forces=True)
+    return out["energy"], out["forces"]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_same_energy_and_forces_in_fewer_operations(name):
+    module = make_module(name)
+    batch = molecule_batch(module)
+    energy, forces = energy_forces(module, batch, constant=False)
+    energy_c, forces_c = energy_forces(module, batch, constant=True)
+    torch.testing.assert_close(energy_c, energy, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(forces_c, forces, rtol=1e-10, atol=1e-12)
+    assert forces.abs().max() > 1e-5  # not trivially zero
+    ops = count_ops(lambda: energy_forces(module, batch, constant=False))
+    ops_c = count_ops(lambda: energy_forces(module, batch, constant=True))
+    assert ops_c < 0.9 * ops, (ops_c, ops)
+
+
+def test_caches_follow_weight_changes():
+    module = make_module("depthwise")
+    batch = molecule_batch(module)
+    before, _ = energy_forces(module, batch, constant=True)
+    # an optimizer step (in place) ...
+    module.train()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.05)
+    optimizer.zero_grad()
+    energy_forces_stress(module, batch, forces=False)["energy"].sum().backward()
+    optimizer.step()
+    module.eval()
+    stepped, _ = energy_forces(module, batch, constant=True)
+    assert not torch.allclose(stepped, before)
+    torch.testing.assert_close(stepped, energy_forces(module, batch, constant=False)[0], rtol=1e-12, atol=1e-12)
+    # ... and another model's weights loaded into it
+    other = make_module("depthwise", seed=1)
+    module.load_state_dict(other.state_dict())
+    energy, forces = energy_forces(module, batch, constant=True)
+    expected = energy_forces(other, batch, constant=False)
+    torch.testing.assert_close(energy, expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(forces, expected[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("biases", [False, True])
+def test_linear(biases):
+    torch.manual_seed(0)
+    ours = Linear("8x0e+8x1o+8x2e", "16x0e+4x1o+4x2e", biases=biases).double()
+    ref = o3.Linear("8x0e+8x1o+8x2e", "16x0e+4x1o+4x2e", biases=biases).double()
+    ref.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p))
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(30, ours.irreps_in.dim, dtype=torch.float64)
+    with constant_parameters():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+def test_self_connection_with_several_attribute_blocks():
+    torch.manual_seed(0)
+    sc = ScalarAttributeTensorProduct("8x0e+8x1o+8x2e", "3x0e+2x0e", "16x0e+8x1o+4x1e").double()
+    x = torch.randn(11, sc.irreps_in1.dim, dtype=torch.float64)
+    z = torch.randn(11, 5, dtype=torch.float64)  # any scalars, not only a one-hot
+    with constant_parameters():
+        out = sc(x, z)
+    torch.testing.assert_close(out, sc(x, z), rtol=1e-12, atol=1e-12)
+    assert torch.equal(out[:, -12:], torch.zeros(11, 12, dtype=torch.float64))  # 1e: no path
+
+
+def test_calculator_forces_equal_the_ordinary_forward():
+    module = make_module("depthwise")
+    atoms = molecule("CH3CH2OH")
+    atoms.rattle(0.05, seed=3)
+    atoms.calc = MolkernCalculator(copy.deepcopy(module))
+    expected = energy_forces(module, atoms.calc.batch(atoms), constant=False)
+    assert atoms.get_potential_energy() == pytest.approx(float(expected[0][0]), abs=1e-10)
+    torch.testing.assert_close(torch.as_tensor(atoms.get_forces()), expected[1], rtol=1e-9, atol=1e-10)
