@@ -24,7 +24,7 @@ def random_inputs(num_nodes, num_edges, heads, d_in, d_out, per_head, channel_we
     return x, kernels, weights, src, dst
 
 
-SHAPES = [(1, 4, 4, 8, True), (2, 9, 9, 3, True), (1, 4, 1, 5, False), (3, 1, 4, 2, True), (2, 1, 1, 17, False)]
+SHAPES = [(1, 4, 4, 8, True), (2, 9, 9, 3, True), (1, 9, 9, 32, False), (1, 4, 1, 5, False), (3, 1, 4, 2, True), (2, 1, 1, 17, False)]
 
 
 @pytest.mark.parametrize("heads, d_in, d_out, per_head, channel_weights", SHAPES)

@@ -87,14 +87,21 @@ void forward_kernel(const T* x, const T* K, const T* c, const int64_t* src, cons
   acc.finish();
 }
 
+// Columns of the transposed, zero-padded features xT (N, H, P, DIP) that the kernel-matrix gradient reads.
+constexpr int padded(int n) { return n <= 4 ? 4 : (n <= 8 ? 8 : 16); }
+
 template <typename T, int FDI, int FDO>
-void backward_kernel(const T* g, const T* x, const T* K, const T* c, const int64_t* src, const int64_t* dst, T* gx,
-                     T* gK, T* gc, Dims d) {
+void backward_kernel(const T* g, const T* x, const T* xT, const T* K, const T* c, const int64_t* src,
+                     const int64_t* dst, T* gx, T* gK, T* gc, Dims d) {
   const int64_t DI = FDI ? FDI : d.DI, DO = FDO ? FDO : d.DO, P = d.P;
+  constexpr int DIP = padded(FDI);
   const int64_t in_width = d.H * DI * P, out_width = d.H * DO * P;
   Accumulators<T> acc(gx, gx ? d.N * in_width : 0);
   at::parallel_for(0, d.E, 256, [&](int64_t begin, int64_t end) {
     T* gx_sums = gx ? acc.get() : nullptr;
+    std::vector<T> scratch(2 * DI * P);  // x c and u (below) of one edge and head
+    T* __restrict__ xc = scratch.data();
+    T* __restrict__ u = xc + DI * P;
     for (int64_t e = begin; e < end; ++e) {
       for (int64_t h = 0; h < d.H; ++h) {
         const int64_t eh = e * d.H + h;
@@ -102,10 +109,37 @@ void backward_kernel(const T* g, const T* x, const T* K, const T* c, const int64
         const T* __restrict__ gd = g + dst[e] * out_width + h * DO * P;
         const T* __restrict__ Ke = K + eh * DO * DI;
         const T* __restrict__ ce = c ? c + eh * P : nullptr;
-        if (gK) {  // gK[r, i] = sum_q g[r, q] x[i, q] c[q], four rows r at a time (x c loaded once for them)
+        bool done = false;
+        if constexpr (FDO > 0) {
+          if (gK && xT) {  // gK[r, :] = sum_q (g[r, q] c[q]) xT[q, :]: DO vector accumulators over the padded i
+            const T* __restrict__ xt = xT + (src[e] * d.H + h) * P * DIP;
+            T a[FDO][DIP] = {};
+            for (int64_t q = 0; q < P; ++q) {
+              const T cq = ce ? ce[q] : T(1);
+              for (int r = 0; r < FDO; ++r) {
+                const T grq = gd[r * P + q] * cq;
+#pragma omp simd
+                for (int i = 0; i < DIP; ++i) a[r][i] += grq * xt[q * DIP + i];
+              }
+            }
+            T* __restrict__ gKe = gK + eh * DO * DI;
+            for (int r = 0; r < FDO; ++r)
+              for (int i = 0; i < FDI; ++i) gKe[r * FDI + i] = a[r][i];
+            done = true;
+          }
+        }
+        if (gK && !done) {  // runtime sizes: gK[r, i] = sum_q g[r, q] x[i, q] c[q], four rows r at a time
+          const T* __restrict__ xcs = xs;
+          if (ce) {
+            for (int64_t i = 0; i < DI; ++i) {
+#pragma omp simd
+              for (int64_t q = 0; q < P; ++q) xc[i * P + q] = xs[i * P + q] * ce[q];
+            }
+            xcs = xc;
+          }
           T* __restrict__ gKe = gK + eh * DO * DI;
           for (int64_t i = 0; i < DI; ++i) {
-            const T* __restrict__ xi = xs + i * P;
+            const T* __restrict__ xi = xcs + i * P;
             int64_t r = 0;
             for (; r + 4 <= DO; r += 4) {
               const T *__restrict__ g0 = gd + r * P, *__restrict__ g1 = g0 + P, *__restrict__ g2 = g1 + P,
@@ -113,11 +147,10 @@ void backward_kernel(const T* g, const T* x, const T* K, const T* c, const int64
               T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
               for (int64_t q = 0; q < P; ++q) {
-                const T xq = ce ? xi[q] * ce[q] : xi[q];
-                s0 += g0[q] * xq;
-                s1 += g1[q] * xq;
-                s2 += g2[q] * xq;
-                s3 += g3[q] * xq;
+                s0 += g0[q] * xi[q];
+                s1 += g1[q] * xi[q];
+                s2 += g2[q] * xi[q];
+                s3 += g3[q] * xi[q];
               }
               gKe[r * DI + i] = s0;
               gKe[(r + 1) * DI + i] = s1;
@@ -127,25 +160,42 @@ void backward_kernel(const T* g, const T* x, const T* K, const T* c, const int64
             for (; r < DO; ++r) {
               T s = 0;
 #pragma omp simd reduction(+ : s)
-              for (int64_t q = 0; q < P; ++q) s += gd[r * P + q] * (ce ? xi[q] * ce[q] : xi[q]);
+              for (int64_t q = 0; q < P; ++q) s += gd[r * P + q] * xi[q];
               gKe[r * DI + i] = s;
             }
           }
         }
         if (!gx_sums && !gc) continue;
         // u[i, q] = sum_r K[r, i] g[r, q];  gx[src, i, q] += u[i, q] c[q];  gc[q] = sum_i u[i, q] x[i, q]
-        T* __restrict__ gxs = gx_sums ? gx_sums + src[e] * in_width + h * DI * P : nullptr;
-        T* __restrict__ gce = gc ? gc + eh * P : nullptr;
+        for (int64_t i = 0; i < DI; ++i) {
+          T* __restrict__ ui = u + i * P;
 #pragma omp simd
-        for (int64_t q = 0; q < P; ++q) {
-          T cq = ce ? ce[q] : T(1), gcq = 0;
-          for (int64_t i = 0; i < DI; ++i) {
-            T u = 0;
-            for (int64_t r = 0; r < DO; ++r) u += Ke[r * DI + i] * gd[r * P + q];
-            if (gxs) gxs[i * P + q] += u * cq;
-            gcq += u * xs[i * P + q];
+          for (int64_t q = 0; q < P; ++q) {
+            T s = 0;
+            for (int64_t r = 0; r < DO; ++r) s += Ke[r * DI + i] * gd[r * P + q];
+            ui[q] = s;
           }
-          if (gce) gce[q] = gcq;
+        }
+        if (gx_sums) {
+          T* __restrict__ gxs = gx_sums + src[e] * in_width + h * DI * P;
+          for (int64_t i = 0; i < DI; ++i) {
+            if (ce) {
+#pragma omp simd
+              for (int64_t q = 0; q < P; ++q) gxs[i * P + q] += u[i * P + q] * ce[q];
+            } else {
+#pragma omp simd
+              for (int64_t q = 0; q < P; ++q) gxs[i * P + q] += u[i * P + q];
+            }
+          }
+        }
+        if (gc) {
+          T* __restrict__ gce = gc + eh * P;
+#pragma omp simd
+          for (int64_t q = 0; q < P; ++q) gce[q] = 0;
+          for (int64_t i = 0; i < DI; ++i) {
+#pragma omp simd
+            for (int64_t q = 0; q < P; ++q) gce[q] += u[i * P + q] * xs[i * P + q];
+          }
         }
       }
     }
@@ -184,10 +234,20 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
   auto gx = need_x ? at::zeros_like(x) : at::Tensor();
   auto gK = need_K ? at::empty_like(K) : at::Tensor();
   auto gc = need_c && c.numel() ? at::empty_like(c) : at::Tensor();
+  // sizes known at compile time (DI = DO in {1, 4, 9}): the kernel-matrix gradient reads x transposed, (N, H, P, i)
+  // with i zero-padded to a vector width, and accumulates in registers without horizontal sums
+  const bool fixed = d.DI == d.DO && (d.DI == 1 || d.DI == 4 || d.DI == 9);
+  at::Tensor xT;
+  if (need_K && fixed) {
+    const int64_t pad = d.DI == 9 ? 16 : 4;
+    xT = at::zeros({d.N, d.H, d.P, pad}, x.options());
+    xT.narrow(3, 0, d.DI).copy_(x.transpose(2, 3));
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_aggregate_backward", [&] {
     auto kernel = pick(d, backward_kernel<scalar_t, 1, 1>, backward_kernel<scalar_t, 4, 4>,
                        backward_kernel<scalar_t, 9, 9>, backward_kernel<scalar_t, 0, 0>);
-    kernel(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), K.data_ptr<scalar_t>(),
+    kernel(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), xT.defined() ? xT.data_ptr<scalar_t>() : nullptr,
+           K.data_ptr<scalar_t>(),
                               c.numel() ? c.data_ptr<scalar_t>() : nullptr, src.data_ptr<int64_t>(),
                               dst.data_ptr<int64_t>(), gx.defined() ? gx.data_ptr<scalar_t>() : nullptr,
                               gK.defined() ? gK.data_ptr<scalar_t>() : nullptr,

@@ -47,7 +47,6 @@ def cached(module: nn.Module, name: str, sources: Iterable[torch.Tensor], build:
     sources: the tensors the result is derived from (parameters, buffers); a change of any one's storage,
     in-place version, dtype or device rebuilds it.
     """
-    sources = [t.detach() for t in sources]  # kept with the result: their storage cannot be freed and reused
     key = [(t.data_ptr(), t._version, t.dtype, t.device) for t in sources]
     store = module.__dict__.setdefault("_constant_cache", {})
     hit = store.get(name)
@@ -55,6 +54,7 @@ def cached(module: nn.Module, name: str, sources: Iterable[torch.Tensor], build:
         with torch.no_grad():
             built = build()
             built = built.detach() if isinstance(built, torch.Tensor) else tuple(t.detach() for t in built)
-            hit = (key, built, sources)
+        # the sources are kept with the result, so that their storage cannot be freed and reused by another tensor
+        hit = (key, built, [t.detach() for t in sources])
         store[name] = hit
     return hit[1]

@@ -33,16 +33,21 @@ class SteerableConv(nn.Module):
         self.avg_num_neighbors = float(avg_num_neighbors)
 
     def forward(self, node_feats: torch.Tensor, edges: Edges, edge_index: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.kernel, "aggregate"):  # gather, messages and sum in the kernel's own way (maybe fused)
-            sums = self.kernel.aggregate(self.kernel.prepare(node_feats), edges, edge_index, node_feats.shape[0])
-            return self.kernel.arrange(sums) / self.avg_num_neighbors
-        if hasattr(self.kernel, "messages"):
-            feats_src = torch.index_select(self.kernel.prepare(node_feats), 0, edge_index[0])  # (E, irreps_in.dim)
-            messages = self.kernel.messages(feats_src, edges)  # (E, irreps_out.dim), the kernel's column order
-            sums = scatter_sum(messages, edge_index[1], node_feats.shape[0])  # (N, irreps_out.dim)
+        if hasattr(self.kernel, "prepare"):
+            sums = self.sums(self.kernel.prepare(node_feats), edges, edge_index, node_feats.shape[0])
             return self.kernel.arrange(sums) / self.avg_num_neighbors
         messages = self.kernel(torch.index_select(node_feats, 0, edge_index[0]), edges)  # (E, irreps_out.dim)
         return scatter_sum(messages, edge_index[1], node_feats.shape[0]) / self.avg_num_neighbors
+
+    def sums(self, prepared: torch.Tensor, edges: Edges, edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
+        """Each node's sum of messages, in the kernel's own column order (neither arranged nor normalised).
+
+        prepared: (N, irreps_in.dim) node features in the layout `kernel.prepare` gives -> (num_nodes, irreps_out.dim)
+        """
+        if hasattr(self.kernel, "aggregate"):  # gather, messages and sum in the kernel's own way (maybe fused)
+            return self.kernel.aggregate(prepared, edges, edge_index, num_nodes)
+        messages = self.kernel.messages(torch.index_select(prepared, 0, edge_index[0]), edges)  # (E, irreps_out.dim)
+        return scatter_sum(messages, edge_index[1], num_nodes)
 
     def extra_repr(self) -> str:
         return f"avg_num_neighbors={self.avg_num_neighbors:g}"

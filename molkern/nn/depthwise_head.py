@@ -17,6 +17,7 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from .constants import cached, parameters_constant
 from .depthwise import DepthwiseProduct
 from .mlp import InvariantWeightedLinear
 
@@ -95,20 +96,32 @@ class InvariantDepthwiseHead(nn.Module):
         self.register_buffer("_cg", cg[[r for _, _, _, r in terms]], persistent=False)  # (T, d_out * d_in)
 
     def forward(self, kernel_in: torch.Tensor, envelope: torch.Tensor):
-        num_edges, dtype = kernel_in.shape[0], kernel_in.dtype
+        num_edges = kernel_in.shape[0]
         scalars, vectors = torch.split(kernel_in, self._split, dim=1)  # (E, S), (E, V)
         if not self._scalars_first:
             scalars, vectors = vectors, scalars
-        weight = self.weight * self._scale  # (S, W)
-        term_weights = torch.addmm(self.bias[self._weight_columns], scalars, weight[:, self._weight_columns])
-        vectors = torch.addmm(self._constant.to(dtype), vectors, self._selection.to(dtype)) * envelope  # (E, T)
+        if parameters_constant():
+            sources = (self.weight, self.bias, self._scale, self._selection, self._constant, self._cg)
+            folded = cached(self, f"folded_{kernel_in.dtype}", sources, lambda: self._folded(kernel_in.dtype))
+        else:
+            folded = self._folded(kernel_in.dtype)
+        term_weight, term_bias, channel_weight, channel_bias, selection, constant, cg = folded
+        term_weights = torch.addmm(term_bias, scalars, term_weight)  # (E, H T)
+        vectors = torch.addmm(constant, vectors, selection) * envelope  # (E, T)
         # (the messages are linear in the kernels: the envelope goes on the narrowest factor)
         terms = term_weights.view(num_edges, self.heads, self.num_terms) * vectors.unsqueeze(1)  # (E, H, T)
-        kernels = (terms.view(-1, self.num_terms) @ self._cg.to(dtype)).view(num_edges, self.heads, *self._matrix)
+        kernels = (terms.view(-1, self.num_terms) @ cg).view(num_edges, self.heads, *self._matrix)
         if not self.num_channel_weights:
             return kernels, None
-        channel_weights = torch.addmm(self.bias[self._channel_columns], scalars, weight[:, self._channel_columns])
+        channel_weights = torch.addmm(channel_bias, scalars, channel_weight)
         return kernels, channel_weights  # (E, H, d_out, d_in), (E, U)
+
+    def _folded(self, dtype: torch.dtype):
+        """The weights and biases of the terms and the channel weights (scaled), and the constant matrices in dtype."""
+        weight = self.weight * self._scale  # (S, W)
+        return (weight[:, self._weight_columns], self.bias[self._weight_columns], weight[:, self._channel_columns],
+                self.bias[self._channel_columns], self._selection.to(dtype), self._constant.to(dtype),
+                self._cg.to(dtype))
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in} -> {self.heads} heads x {self.num_terms} terms, {self.num_channel_weights} channel weights"

@@ -9,7 +9,8 @@ from .edges import Edges
 from .mlp import make_gate
 from .self_connection import ScalarAttributeTensorProduct
 from .eager import eager_e3nn
-from .linear import Linear
+from .linear import Linear, apply_dense
+from .constants import cached, parameters_constant
 
 
 SELF_CONNECTIONS = ("attributes", "linear")
@@ -72,9 +73,39 @@ class InteractionBlock(nn.Module):
     def forward(
         self, node_feats: torch.Tensor, node_attrs: torch.Tensor, edges: Edges, edge_index: torch.Tensor
     ) -> torch.Tensor:
-        h = self.conv(self.linear_1(node_feats), edges, edge_index)  # (N, conv.irreps_out.dim)
+        if parameters_constant() and self._foldable(node_feats.shape[0]):
+            h = self._folded_linear_conv_linear(node_feats, edges, edge_index)
+        else:
+            h = self.linear_2(self.conv(self.linear_1(node_feats), edges, edge_index))  # (N, gate.irreps_in.dim)
         skip = self.self_connection(node_feats, node_attrs) if self.attribute_self_connection else \
             self.self_connection(node_feats)  # (N, gate.irreps_in.dim)
-        h = self.linear_2(h) + skip
+        h = h + skip
         out = self.gate(h)  # (N, irreps_out.dim)
         return out + node_feats if self.resnet else out
+
+    def _foldable(self, rows: int) -> bool:
+        kernel = self.conv.kernel
+        return (hasattr(kernel, "prepare") and hasattr(kernel, "arrange")
+                and all(isinstance(lin, Linear) and lin._dense_ok and rows <= lin.max_constant_rows
+                        for lin in (self.linear_1, self.linear_2)))
+
+    def _folded_linear_conv_linear(self, node_feats, edges, edge_index):
+        """linear_2(conv(linear_1(x))) with constant parameters: the kernel's column permutations (`prepare`,
+        `arrange`) and the 1 / avg_num_neighbors folded into the cached dense matrices of the two linear layers,
+        so that what is left is matmul, the convolution's sums, matmul."""
+        kernel = self.conv.kernel
+        l1, l2 = self.linear_1, self.linear_2
+
+        def first():  # prepare permutes columns: prepare(x @ M) = x @ prepare(M)
+            return kernel.prepare(l1.dense_matrix())
+
+        def second():  # arrange(s) / avg @ M = s @ (A M / avg), A = arrange(I)
+            matrix = l2.dense_matrix()
+            dim = self.conv.irreps_out.dim
+            arranged = kernel.arrange(torch.eye(dim, dtype=matrix.dtype, device=matrix.device))
+            return torch.cat([arranged @ matrix[:dim] / self.conv.avg_num_neighbors, matrix[dim:]])
+
+        m1 = cached(self, "linear_1", (l1.weight, l1.bias), first)
+        m2 = cached(self, "linear_2", (l2.weight, l2.bias), second)
+        sums = self.conv.sums(apply_dense(node_feats, m1), edges, edge_index, node_feats.shape[0])
+        return apply_dense(sums, m2)

@@ -127,9 +127,12 @@ class Linear(o3.Linear):
         else:
             return super().forward(features, weight, bias)
         batch = features.shape[:-1]
-        x = features.reshape(-1, self.irreps_in.dim)
-        if self._has_bias:
-            out = torch.addmm(matrix[-1], x, matrix[:-1])
-        else:
-            out = x @ matrix
-        return out.view(*batch, self.irreps_out.dim)
+        return apply_dense(features.reshape(-1, self.irreps_in.dim), matrix).view(*batch, self.irreps_out.dim)
+
+
+def apply_dense(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """x @ matrix, or x @ matrix[:-1] + matrix[-1] when matrix has one row more than x has columns (a bias row,
+    as `Linear.dense_matrix` gives). Shapes: x (R, D_in), matrix (D_in [+ 1], D_out) -> (R, D_out)"""
+    if matrix.shape[0] == x.shape[1]:
+        return x @ matrix
+    return torch.addmm(matrix[-1], x, matrix[:-1])

@@ -58,8 +58,8 @@ class Gate(nn.Module):
     """e3nn's gated nonlinearity (same layout, activations and values) in a handful of tensor operations.
 
     e3nn's `Gate` extracts its three parts with per-block slices and multiplies with an
-    ElementwiseTensorProduct; here one optional column permutation, one split, the two activations and one
-    broadcast product per gated block.
+    ElementwiseTensorProduct; here one optional column permutation, one split, the two activations, one gather
+    of each gated column's gate and one product.
 
     Shapes:
         x: (B, irreps_in.dim) laid out as irreps_in (sorted: scalars and gates first) -> (B, irreps_out.dim)
@@ -77,6 +77,9 @@ class Gate(nn.Module):
         self._permute = columns != list(range(len(columns)))
         self._sizes = [irreps.dim for irreps in extract.irreps_outs]  # scalars, gates, gated
         self._gated = [(mul, ir.dim) for mul, ir in extract.irreps_outs[2]]
+        gate_of_column = torch.arange(sum(mul for mul, _ in self._gated)).repeat_interleave(
+            torch.tensor([d for mul, d in self._gated for _ in range(mul)], dtype=torch.long))
+        self.register_buffer("_gate_of_column", gate_of_column, persistent=False)  # gate of each gated column
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._permute:
@@ -85,12 +88,8 @@ class Gate(nn.Module):
         scalars = self.act_scalars(scalars)
         if not self._gated:
             return scalars
-        gates = torch.split(self.act_gates(gates), [mul for mul, _ in self._gated], dim=-1)
-        blocks = torch.split(gated, [mul * d for mul, d in self._gated], dim=-1)
-        batch = x.shape[:-1]
-        out = [scalars] + [(block.reshape(*batch, mul, d) * g.unsqueeze(-1)).reshape(*batch, mul * d)
-                           for block, g, (mul, d) in zip(blocks, gates, self._gated)]
-        return torch.cat(out, dim=-1)
+        gates = torch.index_select(self.act_gates(gates), -1, self._gate_of_column)  # (B, gated dim)
+        return torch.cat([scalars, gated * gates], dim=-1)
 
 
 def make_gate(irreps_out: o3.Irreps) -> Gate:
