@@ -6,7 +6,7 @@ Tasks (each returns a dict of numbers; times are medians over repeats after unti
              molkern (settings["compile"]) also both training steps compiled, see compiled_training.
     latency  one molecule's energy+forces (the ASE MD step; one torch thread) on fixed QM9 molecules, the
              vesin neighbour-list time for the same molecule, the op count of one such call and, for molkern,
-             a whole step through molkern.calculator.MolkernCalculator (atoms moved, get_forces()), eager
+             (as its calculator runs: molkern.nn.constant_parameters; also without it, unfolded_latency_ms) a whole step through molkern.calculator.MolkernCalculator (atoms moved, get_forces()), eager
              and (settings["compile"]) compiled, see compiled_latency.
     scaling  energy+forces time per atom of periodic water boxes of growing size (settings["box_sizes"]), eager
              and (molkern, settings["compile"]) compiled; warm-up until the calls stop page-faulting, see
@@ -29,6 +29,7 @@ from . import qm9_throughput as qt
 from .flops import conv_flops, matmul_peak
 from .models import build
 from .opcount import count_ops
+from molkern.nn.constants import constant_parameters
 from .systems import as_batch, molecule_graph, qm9_molecules, water_box
 
 TASKS = ("qm9", "latency", "scaling", "conv", "machine")
@@ -165,12 +166,17 @@ def task_latency(name: str, settings: dict) -> dict:
     model = build(name, mean_in_degree(graphs))
     model.module.eval()
     warmup, repeats = settings["warmup"], settings["latency_repeats"]
-    per_mol, per_nl = [], []
-    for g, m in zip(graphs, mols):
-        per_mol.append(statistics.median(timed(lambda: energy_forces(model, g), warmup, repeats)))
-        per_nl.append(statistics.median(timed(lambda: molecule_graph(m.z, m.pos), 1, repeats)))
-    counted = count_ops(lambda: energy_forces(model, graphs[0]))
     molkern = hasattr(model.module, "graph_spec")
+    per_mol, per_nl, unfolded = [], [], []
+    # molkern as its ASE calculator runs it: weights folded into cached matrices (molkern.nn.constant_parameters);
+    # also without, as in training, for comparison
+    with constant_parameters(molkern):
+        for g, m in zip(graphs, mols):
+            per_mol.append(statistics.median(timed(lambda: energy_forces(model, g), warmup, repeats)))
+            per_nl.append(statistics.median(timed(lambda: molecule_graph(m.z, m.pos), 1, repeats)))
+        counted = count_ops(lambda: energy_forces(model, graphs[0]))
+    if molkern:
+        unfolded = [statistics.median(timed(lambda: energy_forces(model, g), warmup, repeats)) for g in graphs]
     ase = ase_step_ms(model, mols, warmup, repeats) if molkern else None
     compile_too = molkern and settings["compile"]
     compiled = compiled_latency(model, graphs, mols, warmup, repeats) if compile_too else {}
@@ -178,6 +184,7 @@ def task_latency(name: str, settings: dict) -> dict:
             "atoms_mean": statistics.mean(g.num_nodes for g in graphs),
             "latency_ms": 1e3 * statistics.median(per_mol), "latency_ms_each": [1e3 * t for t in per_mol],
             "neighbor_list_ms": 1e3 * statistics.median(per_nl),
+            "unfolded_latency_ms": 1e3 * statistics.median(unfolded) if unfolded else None,
             "md_step_ops": counted["ops"], "md_step_matmul_flops": counted["matmul_flops"],
             "md_step_top_ops": counted["top_ops"]}
 

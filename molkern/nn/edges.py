@@ -1,6 +1,6 @@
 """Edge geometry, computed once per forward pass and shared by every layer's kernel."""
 
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from e3nn import o3
@@ -45,10 +45,12 @@ def _split_scalars(irreps: o3.Irreps):
     )
 
 
-def _take(x: torch.Tensor, irreps: o3.Irreps, mask) -> torch.Tensor:
-    """Columns of x (laid out as irreps) of the entries where mask is True."""
+def _take(x: torch.Tensor, irreps: o3.Irreps, mask) -> List[torch.Tensor]:
+    """Columns of x (laid out as irreps) of the entries where mask is True: [x] if all, [] if none."""
+    if all(mask):
+        return [x]
     parts = [x[..., s] for s, keep in zip(irreps.slices(), mask) if keep]
-    return torch.cat(parts, dim=-1) if parts else x[..., :0]
+    return [torch.cat(parts, dim=-1)] if parts else []
 
 
 class EdgeEmbedding(nn.Module):
@@ -146,7 +148,8 @@ class EdgeEmbedding(nn.Module):
         irreps_sorted, _, inv = irreps_cat.sort()  # inv[k]: the entry of irreps_cat at sorted position k
         slices = irreps_cat.slices()
         columns = [c for i in inv for c in range(slices[i].start, slices[i].stop)]
-        self.register_buffer("_sort_columns", torch.tensor(columns, dtype=torch.long), persistent=False)
+        sort = None if columns == list(range(len(columns))) else torch.tensor(columns, dtype=torch.long)
+        self.register_buffer("_sort_columns", sort, persistent=False)  # None: already sorted
         self.irreps_front = irreps_sorted.simplify()
         if trunk_type not in ("gated", "invariant"):
             raise ValueError(f"trunk_type must be 'gated' or 'invariant', got {trunk_type!r}")
@@ -206,8 +209,8 @@ class EdgeEmbedding(nn.Module):
                     f"edge_attrs must have shape ({num_edges}, {self.irreps_edge_attr.dim}) for irreps "
                     f"{self.irreps_edge_attr}, got {None if edge_attrs is None else tuple(edge_attrs.shape)}"
                 )
-            scalars.append(_take(edge_attrs, self.irreps_edge_attr, self._edge_mask))
-            vectors.append(_take(edge_attrs, self.irreps_edge_attr, self._edge_vector_mask))
+            scalars += _take(edge_attrs, self.irreps_edge_attr, self._edge_mask)
+            vectors += _take(edge_attrs, self.irreps_edge_attr, self._edge_vector_mask)
         if self.irreps_node_attr.dim > 0:
             if node_attrs is None or edge_index is None or node_attrs.shape[-1] != self.irreps_node_attr.dim:
                 raise ValueError(
@@ -217,10 +220,11 @@ class EdgeEmbedding(nn.Module):
             attrs_j = torch.index_select(node_attrs, 0, edge_index[0])  # (E, node_attr_dim) source z_j
             attrs_i = torch.index_select(node_attrs, 0, edge_index[1])  # (E, node_attr_dim) target z_i
             for attrs in (attrs_j, attrs_i):
-                scalars.append(_take(attrs, self.irreps_node_attr, self._node_mask))
-                vectors.append(_take(attrs, self.irreps_node_attr, self._node_vector_mask))
-        refs = self.references.to(edge_vec.dtype).expand(num_edges, -1)  # (E, ref_dim)
-        vectors = torch.cat([refs] + vectors, dim=-1)  # (E, irreps_vectors.dim)
+                scalars += _take(attrs, self.irreps_node_attr, self._node_mask)
+                vectors += _take(attrs, self.irreps_node_attr, self._node_vector_mask)
+        if self._num_ref:
+            vectors.insert(0, self.references.to(edge_vec.dtype).expand(num_edges, -1))  # (E, ref_dim)
+        vectors = torch.cat(vectors, dim=-1) if self.irreps_vectors.dim else None  # (E, irreps_vectors.dim)
 
         # |x/c|^l Y_l(x/c), scaled to unit second moment for points uniform in the cutoff ball
         harmonics = spherical_harmonics(  # e3nn's o3.spherical_harmonics of edge_vec / cutoff, in fewer ops
@@ -228,10 +232,12 @@ class EdgeEmbedding(nn.Module):
         ) * self._harmonics_scale()  # (E, irreps_harmonics.dim)
         if self.harmonics_norm is not None and not self._norm_folded():
             harmonics = self.harmonics_norm(harmonics)
-        parts = scalars + [harmonics, vectors]
+        parts = scalars + [harmonics] + ([vectors] if vectors is not None else [])
         if self.products is not None:
             parts.append(self.products(vectors, torch.cat([harmonics, vectors[:, self._num_ref :]], dim=-1)))
-        kernel_in = torch.index_select(torch.cat(parts, dim=-1), 1, self._sort_columns)  # (E, irreps_front.dim)
+        kernel_in = torch.cat(parts, dim=-1)
+        if self._sort_columns is not None:
+            kernel_in = torch.index_select(kernel_in, 1, self._sort_columns)  # (E, irreps_front.dim)
         if self.trunk is not None and self.trunk_type == "gated":
             kernel_in = self.trunk(kernel_in)  # (E, irreps_kernel_in.dim)
         elif self.trunk is not None:  # invariants through the MLP, the rest passed on: (E, irreps_kernel_in.dim)

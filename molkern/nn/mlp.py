@@ -5,7 +5,9 @@ from typing import Iterable, List, Optional
 import torch
 from e3nn import nn as enn
 from e3nn import o3
+from e3nn.math import normalize2mom
 from torch import nn
+
 from .channelwise import permute_columns
 from .eager import eager_e3nn
 from .linear import Linear
@@ -80,16 +82,37 @@ class Gate(nn.Module):
         gate_of_column = torch.arange(sum(mul for mul, _ in self._gated)).repeat_interleave(
             torch.tensor([d for mul, d in self._gated for _ in range(mul)], dtype=torch.long))
         self.register_buffer("_gate_of_column", gate_of_column, persistent=False)  # gate of each gated column
+        self._scalar_function = _single_function(self.act_scalars)
+        self._gate_function = _single_function(self.act_gates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._permute:
             x = permute_columns(x, self._columns, self._inverse)
         scalars, gates, gated = torch.split(x, self._sizes, dim=-1)
-        scalars = self.act_scalars(scalars)
+        scalars = _activate(self.act_scalars, self._scalar_function, scalars)
         if not self._gated:
             return scalars
-        gates = torch.index_select(self.act_gates(gates), -1, self._gate_of_column)  # (B, gated dim)
+        gates = _activate(self.act_gates, self._gate_function, gates)
+        gates = torch.index_select(gates, -1, self._gate_of_column)  # (B, gated dim)
         return torch.cat([scalars, gated * gates], dim=-1)
+
+
+def _single_function(activation: enn.Activation):
+    """(f, c) when e3nn's Activation applies one normalised function c f(x) to all its columns, else None."""
+    if len(activation.paths) != 1 or activation.paths[0][2] is None:
+        return None
+    act = activation.paths[0][2]
+    if not isinstance(act, normalize2mom):
+        return None
+    return act.f, (1.0 if act._is_id else act.cst)
+
+
+def _activate(activation: enn.Activation, function, x: torch.Tensor) -> torch.Tensor:
+    """activation(x), called directly as c f(x) when it is one normalised function (two ops, no module calls)."""
+    if function is None:
+        return activation(x)
+    f, c = function
+    return f(x) if c == 1.0 else f(x) * c
 
 
 def make_gate(irreps_out: o3.Irreps) -> Gate:
