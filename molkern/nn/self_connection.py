@@ -63,7 +63,7 @@ class ScalarAttributeTensorProduct(o3.FullyConnectedTensorProduct):
         z_blocks = torch.split(z, self._in2_dims, dim=-1)
         out = []
         for (mul, ir), paths in zip(self.irreps_out, self._paths):
-            block = x.new_zeros(n, mul * ir.dim) if not paths else 0
+            block = x.new_zeros(n, mul * ir.dim) if not paths else None
             for i1, i2, start, stop, c in paths:
                 u, v = self.irreps_in1[i1].mul, self.irreps_in2[i2].mul
                 xz = x_blocks[i1].view(n, u, 1, ir.dim) * z_blocks[i2].view(n, 1, v, 1)  # (N, U, V, d)
@@ -71,7 +71,8 @@ class ScalarAttributeTensorProduct(o3.FullyConnectedTensorProduct):
                 # one mm on (N d, U V) rows (a 3-d @ 2-d matmul whose second factor needs no gradient is a bmm
                 # against N copies of it)
                 y = xz.view(n, u * v, ir.dim).transpose(1, 2).reshape(n * ir.dim, u * v) @ w  # (N d, W)
-                block = block + y.view(n, ir.dim, mul).transpose(1, 2).reshape(n, mul * ir.dim)
+                y = y.view(n, ir.dim, mul).transpose(1, 2).reshape(n, mul * ir.dim)
+                block = y if block is None else block + y
             out.append(block)
         return torch.cat(out, dim=-1)
 
@@ -82,10 +83,11 @@ class ScalarAttributeTensorProduct(o3.FullyConnectedTensorProduct):
         per_node = z @ cached(self, "weights_by_attribute", (self.weight,), self._weights_by_attribute)
         out = []
         for mul, d, pairs in self._plan:  # plain ints: this loop runs at every call
-            block = per_node.new_zeros(n, mul * d) if not pairs else 0
+            block = per_node.new_zeros(n, mul * d) if not pairs else None
             for i1, u, start in pairs:
                 w = per_node[:, start : start + u * mul].view(n, mul, u)  # (N, W, U)
-                block = block + torch.bmm(w, x_blocks[i1].view(n, u, d)).view(n, mul * d)  # (N, W, d)
+                y = torch.bmm(w, x_blocks[i1].view(n, u, d)).view(n, mul * d)  # (N, W d)
+                block = y if block is None else block + y
             out.append(block)
         return torch.cat(out, dim=-1)
 
