@@ -54,7 +54,9 @@ METHOD = {
     "inference": "model.eval(), energies under torch.no_grad().",
     "latency": "one molecule, energy + forces by autograd, one torch thread, graph prebuilt; median over "
                "repeats, then median over the molecules. The vesin neighbour list of the same molecule is timed "
-               "separately (an ASE MD step pays both). 'ASE step ms' (molkern only): the whole step through "
+               "separately (an ASE MD step pays both). molkern runs as its calculator runs it: eager, within "
+               "molkern.nn.constant_parameters (weights folded into cached matrices; without it, as in training: "
+               "unfolded_latency_ms in the JSON). 'ASE step ms' (molkern only): the whole step through "
                "molkern.calculator.MolkernCalculator, atoms moved before each get_forces() (neighbour list, graph "
                "build and conversions included). 'compiled' (molkern, full mode): the same two measurements with "
                "molkern.train.compiled.CompiledEnergyForces / MolkernCalculator(compile=True), one graph compiled "
