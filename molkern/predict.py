@@ -33,6 +33,7 @@ from torch_geometric.data import Batch
 from .data.bonds import ATOMIC_NUMBERS
 from .data.featurize import FeaturizationError, iter_featurize
 from .io import atomic_write
+from .nn.constants import constant_parameters
 
 __all__ = [
     "add_predict_arguments",
@@ -120,7 +121,7 @@ def predict(
 
     def run(chunk):
         batch = Batch.from_data_list([d for _, _, d in chunk]).to(device)
-        with torch.no_grad():
+        with torch.no_grad(), constant_parameters():  # weights folded into cached matrices (molkern.nn)
             out = module.predict_properties(batch)  # (B, P)
         out = torch.as_tensor(out).detach().to("cpu", torch.float64).reshape(len(chunk), -1)
         if out.shape[1] != len(names):

@@ -1,5 +1,7 @@
-"""Equivariant layers: radial basis, equivariant MLP, kernels, convolution, interaction block, readout."""
+"""Equivariant layers: radial basis, equivariant MLP, kernels, convolution, interaction block, readout; inference
+with constant parameters (`constant_parameters`)."""
 
+from .constants import constant_parameters
 from .conv import SteerableConv
 from .edges import EdgeEmbedding, Edges
 from .interaction import InteractionBlock
@@ -29,6 +31,7 @@ __all__ = [
     "VoxelInvariantReadout",
     "VoxelNormPool",
     "channelwise_tensor_product",
+    "constant_parameters",
     "irreps_up_to",
     "kernel_irreps",
     "kernel_matrix",
