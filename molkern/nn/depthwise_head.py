@@ -109,8 +109,12 @@ class InvariantDepthwiseHead(nn.Module):
         term_weights = torch.addmm(term_bias, scalars, term_weight)  # (E, H T)
         vectors = torch.addmm(constant, vectors, selection) * envelope  # (E, T)
         # (the messages are linear in the kernels: the envelope goes on the narrowest factor)
-        terms = term_weights.view(num_edges, self.heads, self.num_terms) * vectors.unsqueeze(1)  # (E, H, T)
-        kernels = (terms.view(-1, self.num_terms) @ cg).view(num_edges, self.heads, *self._matrix)
+        if self.heads == 1:  # (E, T): two view operations fewer, forward and backward
+            terms = term_weights * vectors
+        else:
+            terms = term_weights.view(num_edges, self.heads, self.num_terms) * vectors.unsqueeze(1)  # (E, H, T)
+            terms = terms.view(-1, self.num_terms)
+        kernels = (terms @ cg).view(num_edges, self.heads, *self._matrix)  # (E, H, d_out, d_in)
         if not self.num_channel_weights:
             return kernels, None
         channel_weights = torch.addmm(channel_bias, scalars, channel_weight)

@@ -11,8 +11,9 @@ derivatives).
 
 The pass and its backward are torch operators (`torch.ops.molkern.depthwise_aggregate`, `..._backward`, with
 shape-only "fake" implementations), so graphs traced for torch.compile (molkern.train.compiled) call them as
-they are (eager calls go through an equivalent autograd.Function, which costs less per call). Second derivatives (training on forces) use differentiable operations: the sum back along the edges
-with the transposed matrices (the same operator) for the features, per-edge products for the kernel matrices.
+they are; eager calls go through an equivalent autograd.Function, which costs less per call. Second
+derivatives (training on forces) use differentiable operations: the sum back along the edges with the
+transposed matrices (the same operator) for the features, per-edge products for the kernel matrices.
 """
 
 import hashlib
