@@ -8,10 +8,9 @@ per-irrep scales of an eval-mode BatchNorm become one multiplication. Values are
 molecule's latency on a CPU is made of. `molkern.calculator.MolkernCalculator` runs in this mode.
 
 Gradients with respect to the parameters are incomplete inside the block (the cached matrices are detached
-constants): do not train in it. A cached
-matrix is rebuilt whenever a tensor it was derived from changes (an optimizer step, `load_state_dict`, a dtype
-or device change), so keeping the block open across such changes is safe. Graphs traced for torch.compile
-ignore the mode.
+constants): do not train in it. A cached matrix is rebuilt whenever a tensor it was derived from changes (an
+optimizer step, `load_state_dict`, a dtype or device change), so keeping the block open across such changes is
+safe. Graphs traced for torch.compile ignore the mode.
 """
 
 from contextlib import contextmanager

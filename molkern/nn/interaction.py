@@ -23,6 +23,10 @@ class InteractionBlock(nn.Module):
         SC(x) = TP(x, node_attrs)  ("attributes", NequIP's)  or  Linear(x)  ("linear")
         out = Gate(h) + x   if irreps_out == irreps_in and resnet, else Gate(h)
 
+    Within `molkern.nn.constant_parameters`, Linear_2(Conv(Linear_1(x))) runs as matmul, the convolution's
+    sums, matmul: the kernel's column permutations and 1 / avg_num_neighbors are folded into the two linear
+    layers' cached dense matrices.
+
     Args:
         irreps_in: node feature irreps.
         irreps_out: wanted output irreps (the block's `irreps_out` is the gate's layout of them).
