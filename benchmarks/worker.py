@@ -5,9 +5,10 @@ Tasks (each returns a dict of numbers; times are medians over repeats after unti
              ATen op count / matmul-class FLOPs of one training step, on fixed batches of QM9 molecules; for
              molkern (settings["compile"]) also both training steps compiled, see compiled_training.
     latency  one molecule's energy+forces (the ASE MD step; one torch thread) on fixed QM9 molecules, the
-             vesin neighbour-list time for the same molecule, the op count of one such call and, for molkern,
-             (as its calculator runs: molkern.nn.constant_parameters; also without it, unfolded_latency_ms) a whole step through molkern.calculator.MolkernCalculator (atoms moved, get_forces()), eager
-             and (settings["compile"]) compiled, see compiled_latency.
+             vesin neighbour-list time for the same molecule, the op count of one such call (molkern as its
+             calculator runs it, within molkern.nn.constant_parameters; without it: unfolded_latency_ms) and,
+             for molkern, a whole step through molkern.calculator.MolkernCalculator (atoms moved, get_forces()),
+             eager and (settings["compile"]) compiled, see compiled_latency.
     scaling  energy+forces time per atom of periodic water boxes of growing size (settings["box_sizes"]), eager
              and (molkern, settings["compile"]) compiled; warm-up until the calls stop page-faulting, see
              task_scaling.
@@ -24,12 +25,12 @@ import time
 from types import SimpleNamespace
 
 import torch
+from molkern.nn.constants import constant_parameters
 
 from . import qm9_throughput as qt
 from .flops import conv_flops, matmul_peak
 from .models import build
 from .opcount import count_ops
-from molkern.nn.constants import constant_parameters
 from .systems import as_batch, molecule_graph, qm9_molecules, water_box
 
 TASKS = ("qm9", "latency", "scaling", "conv", "machine")

@@ -41,7 +41,8 @@ def parameters_constant() -> bool:
 
 
 def cached(module: nn.Module, name: str, sources: Iterable[torch.Tensor], build: Callable[[], torch.Tensor]):
-    """`build()` (a tensor or a tuple of tensors; run under no_grad), kept on `module` until one of `sources` changes.
+    """`build()` (a tensor or a tuple of tensors or None; run under no_grad), kept on `module` until one of
+    `sources` changes.
 
     sources: the tensors the result is derived from (parameters, buffers); a change of any one's storage,
     in-place version, dtype or device rebuilds it.
@@ -52,7 +53,8 @@ def cached(module: nn.Module, name: str, sources: Iterable[torch.Tensor], build:
     if hit is None or hit[0] != key:
         with torch.no_grad():
             built = build()
-            built = built.detach() if isinstance(built, torch.Tensor) else tuple(t.detach() for t in built)
+            built = built.detach() if isinstance(built, torch.Tensor) else \
+                tuple(None if t is None else t.detach() for t in built)
         # the sources are kept with the result, so that their storage cannot be freed and reused by another tensor
         hit = (key, built, [t.detach() for t in sources])
         store[name] = hit

@@ -123,9 +123,10 @@ class InvariantDepthwiseHead(nn.Module):
     def _folded(self, dtype: torch.dtype):
         """The weights and biases of the terms and the channel weights (scaled), and the constant matrices in dtype."""
         weight = self.weight * self._scale  # (S, W)
-        return (weight[:, self._weight_columns], self.bias[self._weight_columns], weight[:, self._channel_columns],
-                self.bias[self._channel_columns], self._selection.to(dtype), self._constant.to(dtype),
-                self._cg.to(dtype))
+        channels = (weight[:, self._channel_columns], self.bias[self._channel_columns]) if self.num_channel_weights \
+            else (None, None)
+        return (weight[:, self._weight_columns], self.bias[self._weight_columns], *channels,
+                self._selection.to(dtype), self._constant.to(dtype), self._cg.to(dtype))
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in} -> {self.heads} heads x {self.num_terms} terms, {self.num_channel_weights} channel weights"
