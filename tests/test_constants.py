@@ -1,6 +1,7 @@
 """molkern.nn.constant_parameters: the same energies and forces in fewer operations, caches that follow the weights."""
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from ase.build import molecule
 from e3nn import o3
 
 from molkern.calculator import MolkernCalculator
-from molkern.nn.constants import constant_parameters
+from molkern.nn.constants import constant_parameters, parameters_constant
 from molkern.nn.linear import Linear
 from molkern.nn.self_connection import ScalarAttributeTensorProduct
 from molkern.train.energy import EnergyModule, energy_forces_stress
@@ -119,3 +120,13 @@ def test_calculator_forces_equal_the_ordinary_forward():
     expected = energy_forces(module, atoms.calc.batch(atoms), constant=False)
     assert atoms.get_potential_energy() == pytest.approx(float(expected[0][0]), abs=1e-10)
     torch.testing.assert_close(torch.as_tensor(atoms.get_forces()), expected[1], rtol=1e-9, atol=1e-10)
+
+
+def test_the_setting_is_per_thread():
+    seen = []
+    with constant_parameters():
+        thread = threading.Thread(target=lambda: seen.append(parameters_constant()))
+        thread.start()
+        thread.join()
+        assert parameters_constant()
+    assert seen == [False] and not parameters_constant()

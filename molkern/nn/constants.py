@@ -13,6 +13,7 @@ optimizer step, `load_state_dict`, a dtype or device change), so keeping the blo
 safe. Graphs traced for torch.compile ignore the mode.
 """
 
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterable
 
@@ -21,23 +22,25 @@ from torch import nn
 
 from .tracing import is_tracing_for_compile
 
-_active = False
+_state = threading.local()  # per thread: an MD thread's block does not change another thread's training
 
 
 @contextmanager
 def constant_parameters(enabled: bool = True):
-    """Within this block (if enabled), molkern layers treat parameters and buffers as constants (see the module)."""
-    global _active
-    previous, _active = _active, bool(enabled)
+    """Within this block (if enabled), molkern layers treat parameters and buffers as constants (see the module).
+
+    The setting is per thread."""
+    previous = getattr(_state, "active", False)
+    _state.active = bool(enabled)
     try:
         yield
     finally:
-        _active = previous
+        _state.active = previous
 
 
 def parameters_constant() -> bool:
     """Whether layers may use `cached` matrices now (inside `constant_parameters`, not while tracing for compile)."""
-    return _active and not is_tracing_for_compile()
+    return getattr(_state, "active", False) and not is_tracing_for_compile()
 
 
 def cached(module: nn.Module, name: str, sources: Iterable[torch.Tensor], build: Callable[[], torch.Tensor]):
