@@ -11,6 +11,7 @@ from e3nn import o3
 from molkern.calculator import MolkernCalculator
 from molkern.nn.constants import constant_parameters, parameters_constant
 from molkern.nn.linear import Linear
+from molkern.nn import self_connection
 from molkern.nn.self_connection import ScalarAttributeTensorProduct
 from molkern.train.energy import EnergyModule, energy_forces_stress
 
@@ -101,14 +102,22 @@ def test_linear(biases):
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
 
 
-def test_self_connection_with_several_attribute_blocks():
+@pytest.mark.parametrize("fused", [True, False], ids=["c++", "torch"])
+def test_self_connection_with_several_attribute_blocks(fused, monkeypatch):
+    if not fused:  # the torch form, used where the C++ extension cannot be built
+        monkeypatch.setattr(self_connection, "extension", lambda: None)
     torch.manual_seed(0)
     sc = ScalarAttributeTensorProduct("8x0e+8x1o+8x2e", "3x0e+2x0e", "16x0e+8x1o+4x1e").double()
-    x = torch.randn(11, sc.irreps_in1.dim, dtype=torch.float64)
+    x = torch.randn(11, sc.irreps_in1.dim, dtype=torch.float64, requires_grad=True)
     z = torch.randn(11, 5, dtype=torch.float64)  # any scalars, not only a one-hot
+    grad = torch.randn(11, sc.irreps_out.dim, dtype=torch.float64)
     with constant_parameters():
         out = sc(x, z)
-    torch.testing.assert_close(out, sc(x, z), rtol=1e-12, atol=1e-12)
+        (gx,) = torch.autograd.grad(out, x, grad)
+        assert torch.autograd.gradgradcheck(lambda x: sc(x, z), (x,))  # e.g. a force Hessian
+    expected = sc(x, z)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, torch.autograd.grad(expected, x, grad)[0], rtol=1e-12, atol=1e-12)
     assert torch.equal(out[:, -12:], torch.zeros(11, 12, dtype=torch.float64))  # 1e: no path
 
 

@@ -8,6 +8,8 @@
 // an empty tensor (no channel weights), src / dst (E,) int64, out (N, H, DO, P). Threads (at::parallel_for over
 // edge ranges) accumulate node sums into private buffers that are added up at the end.
 
+// Also: attribute_linear, the self-connection with scalar node attributes under constant parameters (below).
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -256,9 +258,81 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
   return {gx, gK, gc};
 }
 
+// Self-connection with scalar node attributes (molkern.nn.self_connection, constant parameters): per node n and
+// (input block -> output block) pair, the (W, U) weight matrix sum_v z[n, v] S[v, pair] applied to the U channels
+// of each of the block's d components. plan (P, 6) int64 rows: x column start, U, out column start, W, d, first
+// column of the pair's (W, U) matrix in S. transpose: the adjoint (input gradient), out and x swap roles.
+template <typename T>
+void attribute_linear_kernel(const T* x, const T* z, const T* S, const int64_t* plan, T* out, int64_t N, int64_t V,
+                             int64_t C, int64_t P, int64_t d_x, int64_t d_out, bool transpose) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> wt, buf;  // the node's matrix transposed (U, W); a (d, W) buffer of outputs or gradients
+    for (int64_t n = begin; n < end; ++n) {
+      const T* zn = z + n * V;
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t* r = plan + 6 * p;
+        const int64_t xs = r[0], U = r[1], os = r[2], W = r[3], d = r[4], col = r[5];
+        wt.assign(U * W, T(0));
+        for (int64_t v = 0; v < V; ++v) {
+          const T zv = zn[v];
+          if (zv == T(0)) continue;  // one-hot attributes: one row
+          const T* Sv = S + v * C + col;  // (W, U)
+          for (int64_t a = 0; a < W; ++a)
+            for (int64_t u = 0; u < U; ++u) wt[u * W + a] += zv * Sv[a * U + u];
+        }
+        buf.assign(d * W, T(0));
+        T* __restrict__ bt = buf.data();
+        const T* __restrict__ w = wt.data();
+        if (!transpose) {  // out[os + a d + i] += sum_u w[a, u] x[xs + u d + i]
+          const T* xn = x + n * d_x + xs;
+          for (int64_t u = 0; u < U; ++u)
+            for (int64_t i = 0; i < d; ++i) {
+              const T xv = xn[u * d + i];
+#pragma omp simd
+              for (int64_t a = 0; a < W; ++a) bt[i * W + a] += w[u * W + a] * xv;
+            }
+          T* on = out + n * d_out + os;
+          for (int64_t a = 0; a < W; ++a)
+            for (int64_t i = 0; i < d; ++i) on[a * d + i] += bt[i * W + a];
+        } else {  // out[xs + u d + i] += sum_a w[a, u] g[os + a d + i]  (x: the gradient, out: the input's)
+          const T* gn = x + n * d_x + os;
+          for (int64_t a = 0; a < W; ++a)
+            for (int64_t i = 0; i < d; ++i) bt[i * W + a] = gn[a * d + i];
+          T* on = out + n * d_out + xs;
+          for (int64_t u = 0; u < U; ++u)
+            for (int64_t i = 0; i < d; ++i) {
+              T acc = 0;
+#pragma omp simd reduction(+ : acc)
+              for (int64_t a = 0; a < W; ++a) acc += w[u * W + a] * bt[i * W + a];
+              on[u * d + i] += acc;
+            }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor attribute_linear(const at::Tensor& x, const at::Tensor& z, const at::Tensor& S, const at::Tensor& plan,
+                            int64_t out_dim, bool transpose) {
+  TORCH_CHECK(x.dim() == 2 && z.dim() == 2 && S.dim() == 2 && plan.dim() == 2 && plan.size(1) == 6,
+              "x (N, D), z (N, V), S (V, C) and plan (P, 6) expected");
+  TORCH_CHECK(x.is_contiguous() && z.is_contiguous() && S.is_contiguous() && plan.is_contiguous(),
+              "inputs must be contiguous");
+  TORCH_CHECK(x.scalar_type() == z.scalar_type() && x.scalar_type() == S.scalar_type(), "one dtype expected");
+  TORCH_CHECK(plan.scalar_type() == at::kLong && z.size(0) == x.size(0) && S.size(0) == z.size(1), "shapes differ");
+  auto out = at::zeros({x.size(0), out_dim}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attribute_linear", [&] {
+    attribute_linear_kernel<scalar_t>(x.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), S.data_ptr<scalar_t>(),
+                                      plan.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), x.size(0), z.size(1),
+                                      S.size(1), plan.size(0), x.size(1), out_dim, transpose);
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused depthwise gather, kernel product and scatter-sum");
   m.def("backward", &backward, "its gradients with respect to x, K and c");
+  m.def("attribute_linear", &attribute_linear, "self-connection with per-node attribute-weighted matrices");
 }
