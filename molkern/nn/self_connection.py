@@ -54,11 +54,12 @@ class ScalarAttributeTensorProduct(o3.FullyConnectedTensorProduct):
                       for (mul, ir), pairs in zip(self.irreps_out, self._pairs)]
         # the same for the C++ pass: rows (x column start, U, out column start, W, d, first column of the pair)
         x_start, out_start = [sl.start for sl in self.irreps_in1.slices()], [sl.start for sl in self.irreps_out.slices()]
-        self._plan_tensor = torch.tensor([[x_start[i1], u, out_start[o], mul, d, start]
-                                          for o, (mul, d, pairs) in enumerate(self._plan) for i1, u, start in pairs],
-                                         dtype=torch.long).view(-1, 6)
-        # within constant_parameters: per-node weight matrices (N x columns numbers) up to this many rows (~50 at
-        # lmax 2 and 32 channels; measured, 1 thread, forward and input gradient: 1.5x faster at 14 rows, even at 64)
+        plan = torch.tensor([[x_start[i1], u, out_start[o], mul, d, start]
+                             for o, (mul, d, pairs) in enumerate(self._plan) for i1, u, start in pairs], dtype=torch.long)
+        self.register_buffer("_plan_tensor", plan.view(-1, 6), persistent=False)
+        # within constant_parameters, up to this many rows (~50 at lmax 2 and 32 channels): the bound of the torch
+        # form's per-node weights (N x columns numbers; measured, 1 thread, forward and input gradient: 1.5x
+        # faster than the ordinary form at 14 rows, even at 64), kept for the C++ pass too
         self.max_constant_rows = (1 << 18) // max(columns, 1)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, weight=None) -> torch.Tensor:
@@ -91,8 +92,6 @@ class ScalarAttributeTensorProduct(o3.FullyConnectedTensorProduct):
         n = z.shape[0]
         stacked = cached(self, "weights_by_attribute", (self.weight,), self._weights_by_attribute)
         if extension() is not None and not z.requires_grad and not is_tracing_for_compile():
-            if self._plan_tensor.device != z.device:
-                self._plan_tensor = self._plan_tensor.to(z.device)
             return _AttributeLinear.apply(x.contiguous(), z.contiguous(), stacked, self._plan_tensor,
                                           self.irreps_out.dim, self.irreps_in1.dim)
         per_node = z @ stacked
