@@ -102,3 +102,79 @@ def test_fused_operators_pass_torch_opcheck(channel_weights):
     grad = torch.randn(6, 2, 4, 3, dtype=torch.float64)
     args = (grad, x.detach(), kernels.detach(), weights.detach(), src, dst, True, True, channel_weights)
     torch.library.opcheck(torch.ops.molkern.depthwise_aggregate_backward, args)
+
+
+def random_term_inputs(num_edges, heads, d_in, d_out, channel_weights, seed=0):
+    """Term weights, a column slice of a wider kernel input as vectors, an envelope with a zero (an edge at the
+    cutoff) and a plan of random sparse Clebsch-Gordan rows (some terms read no vector: rows = -1)."""
+    g = torch.Generator().manual_seed(seed)
+    num_terms, num_vectors = 7, 5
+    x, _, weights, src, dst = random_inputs(6, num_edges, heads, d_in, d_out, 3, channel_weights, torch.float64, seed)
+    term_weights = torch.randn(heads, num_terms, num_edges, generator=g, dtype=torch.float64)
+    vectors = torch.randn(num_edges, 2 + num_vectors, generator=g, dtype=torch.float64)[:, 2:]
+    envelope = torch.rand(num_edges, 1, generator=g, dtype=torch.float64)
+    envelope[:1] = 0.0
+    cg = torch.randn(num_terms, d_out * d_in, generator=g, dtype=torch.float64)
+    cg = cg * (torch.rand(cg.shape, generator=g) < 0.5)
+    cg_term, cg_pos = torch.nonzero(cg, as_tuple=True)
+    rows = torch.randint(-1, num_vectors, (num_terms,), generator=g)
+    plan = fused.TermPlan(rows, cg_term, cg_pos, cg[cg_term, cg_pos], cg, d_out)
+    return x, term_weights, vectors, envelope, weights, src, dst, plan
+
+
+@pytest.mark.parametrize("heads, d_in, d_out, per_head, channel_weights", SHAPES)
+def test_kernels_built_in_the_fused_pass_equal_materialised_kernels(heads, d_in, d_out, per_head, channel_weights):
+    """depthwise_terms_aggregate (matrices built per edge inside the C++ pass) == depthwise_aggregate of the
+    matrices built by torch operations: values, first derivatives (C++) and second (differentiable form)."""
+    x, w, v, u, weights, src, dst, plan = random_term_inputs(25, heads, d_in, d_out, channel_weights)
+    inputs = tuple(t.requires_grad_() for t in (x, w, v, u, weights) if t is not None)
+
+    def fused_form(x, w, v, u, c=None):
+        return fused.depthwise_terms_aggregate(x, w, v, u, c, src, dst, 6, plan)
+
+    def torch_form(x, w, v, u, c=None):
+        return fused.depthwise_aggregate_reference(x, fused.term_kernels(w, v, u, plan), c, src, dst, 6)
+
+    out = fused_form(*inputs)
+    torch.testing.assert_close(out, torch_form(*inputs), rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, inputs, grad),
+                               torch.autograd.grad(torch_form(*inputs), inputs, grad), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(fused_form, inputs)
+    assert torch.autograd.gradgradcheck(fused_form, inputs)
+
+
+def test_fused_terms_reject_a_bad_plan():
+    x, w, v, u, weights, src, dst, plan = random_term_inputs(10, 1, 4, 4, True)
+    args = (x, w, v, u, weights, src, dst, 6)
+    with pytest.raises(RuntimeError, match="rows out of range"):
+        fused.extension().terms_forward(*args, plan.rows + 5, plan.cg_term, plan.cg_pos, plan.cg_value, 4)
+    with pytest.raises(RuntimeError, match="cg entries out of range"):
+        fused.extension().terms_forward(*args, plan.rows, plan.cg_term, plan.cg_pos + 16, plan.cg_value, 4)
+    with pytest.raises(RuntimeError, match="w must be"):
+        fused.extension().terms_forward(x, w[..., :5].contiguous(), v, u, weights, src, dst, 6, *plan[:4], 4)
+
+
+def test_fused_terms_float32_two_threads_and_no_edges():
+    """Edge tiles split over two threads' ranges (partial tiles at each end): the torch form's sums and gradients;
+    no edges: zeros."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, w, v, u, weights, src, dst, plan = random_term_inputs(5003, 2, 9, 9, True)
+        plan = fused.TermPlan(*plan[:3], plan.cg_value.float(), plan.cg.float(), plan.d_out)
+        inputs = [t.float().requires_grad_() for t in (x, w, v, u, weights)]
+        results = []
+        for form in ("fused", "torch"):
+            if form == "fused":
+                out = fused.depthwise_terms_aggregate(*inputs[:4], inputs[4], src, dst, 6, plan)
+            else:
+                out = fused.depthwise_aggregate_reference(inputs[0], fused.term_kernels(*inputs[1:4], plan), inputs[4],
+                                                          src, dst, 6)
+            results.append([out, *torch.autograd.grad(out, inputs, torch.ones_like(out))])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+    x, w, v, u, weights, src, dst, plan = random_term_inputs(0, 1, 4, 4, True)
+    assert torch.equal(fused.depthwise_terms_aggregate(x, w, v, u, weights, src, dst, 6, plan), torch.zeros(6, 1, 4, 3))

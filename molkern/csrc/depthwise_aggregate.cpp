@@ -8,11 +8,17 @@
 // an empty tensor (no channel weights), src / dst (E,) int64, out (N, H, DO, P). Threads (at::parallel_for over
 // edge ranges) accumulate node sums into private buffers that are added up at the end.
 
+// The kernel matrices either come stored (K, above) or are built on the fly from the terms of the default kernel
+// head (molkern.nn.depthwise_head): K[e, h] = sum_t w[h, t, e] v[e, t] u[e] CG_t, with v[e, t] one column of the
+// edge's harmonics (or 1) and u the cutoff envelope; then neither K nor the products w v u nor their gradients are
+// written per edge (the `terms_*` functions).
+
 // Also: attribute_linear, the self-connection with scalar node attributes under constant parameters (below).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace {
@@ -58,28 +64,187 @@ struct Accumulators {
   }
 };
 
+// Where the kernels' per-edge matrices come from. Each thread works on its own copy (scratch) and calls `range`
+// with its edge range first, then visits the edges in order, heads innermost: `matrix(e, h)` gives K[e, h] (DO x
+// DI, entry (r, i) at [(r DI + i) stride]), `grad_matrix` the buffer its gradient goes into (same layout) and
+// `grad_done(e, h)` hands that gradient on.
+template <typename T>
+struct StoredMatrices {  // K (E, H, DO, DI) given; its gradient written to gK (E, H, DO, DI) or not wanted (null)
+  static constexpr int64_t stride = 1;
+  const T* K;
+  T* gK;
+  int64_t H, size;
+  bool grad() const { return gK != nullptr; }
+  void range(int64_t, int64_t) {}
+  const T* matrix(int64_t e, int64_t h) { return K + (e * H + h) * size; }
+  T* grad_matrix(int64_t e, int64_t h) { return gK + (e * H + h) * size; }
+  void grad_done(int64_t, int64_t) {}
+};
+
+// One nonzero Clebsch-Gordan entry: CG_term[pos] = value.
+template <typename T>
+struct CGEntry {
+  int64_t term, pos;
+  T value;
+};
+
+// K[e, h] = sum_t w[h, t, e] a[e, t] u[e] CG_t, a[e, t] = v[e, rows[t]] (1 where rows[t] < 0): built for tiles of
+// `stride` consecutive edges at once, edges in the vector lanes (one vector multiply-add per nonzero CG entry and
+// tile), and the gradients taken back to w, v, u likewise.
+template <typename T>
+struct TermTiles {
+  static constexpr int64_t stride = 16;
+  const T* w;                          // (H, NT, E) term weights, edges last
+  const T* v;                          // (E, V) with row stride v_stride: the vector components the terms read
+  const T* u;                          // (E,) envelope
+  const int64_t* rows;                 // (NT,) column of v of each term; -1: none (a scalar coefficient's term)
+  const std::vector<CGEntry<T>>* by_pos;   // the nonzero CG entries sorted by position (forward)
+  const std::vector<CGEntry<T>>* by_term;  // and by term (backward)
+  int64_t E, H, size, NT, V, v_stride;
+  T* gw;  // gradients (H, NT, E), (E, V), (E,); null where not wanted
+  T* gv;
+  T* gu;
+  // per thread: the tile [start, stop) within this thread's range [., end); S = stride
+  int64_t start = 0, stop = 0, end = 0;
+  std::vector<T> vu, pt, k, gk, gvu;  // (V + 1, S): v u and u; (NT, S): w a u; (H, size, S) x 2; (V + 1, S)
+
+  bool grad() const { return gw || gv || gu; }
+  void range(int64_t, int64_t last) { start = stop = 0, end = last; }
+  int64_t row(int64_t t) const { return rows[t] < 0 ? V : rows[t]; }  // of vu
+
+  void build(int64_t first) {
+    constexpr int64_t S = stride;
+    start = first, stop = std::min(first + S, end);
+    const int64_t n = stop - start;
+    vu.assign((V + 1) * S, T(0)), k.resize(H * size * S);
+    if (stop + S <= end) {  // the next tile's inputs: the hardware prefetchers do not follow NT + 16 streams
+      for (int64_t ht = 0; ht < H * NT; ++ht) __builtin_prefetch(w + ht * E + stop + S);
+      for (int64_t j = S; j < 2 * S; ++j) {
+        const char* row = reinterpret_cast<const char*>(v + (start + j + S) * v_stride);
+        __builtin_prefetch(row), __builtin_prefetch(row + V * sizeof(T) - 1);
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const T* ve = v + (start + j) * v_stride;
+      const T ue = u[start + j];
+      for (int64_t r = 0; r < V; ++r) vu[r * S + j] = ve[r] * ue;
+      vu[V * S + j] = ue;
+    }
+    pt.resize(NT * S);
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t t = 0; t < NT; ++t) {  // pt[t] = w[h, t] a[t] u
+        const T* __restrict__ wt = w + (h * NT + t) * E + start;
+        const T* __restrict__ vt = vu.data() + row(t) * S;
+        T* __restrict__ out = pt.data() + t * S;
+        if (n == S) {
+#pragma omp simd
+          for (int64_t j = 0; j < S; ++j) out[j] = wt[j] * vt[j];
+        } else {
+          for (int64_t j = 0; j < S; ++j) out[j] = j < n ? wt[j] * vt[j] : T(0);
+        }
+      }
+      T* __restrict__ kh = k.data() + h * size * S;
+      const CGEntry<T>* it = by_pos->data();
+      const CGEntry<T>* last = it + by_pos->size();
+      const T* __restrict__ p = pt.data();
+      for (int64_t q = 0; q < size; ++q) {
+        T acc[S] = {};
+        for (; it != last && it->pos == q; ++it) {
+          const T* __restrict__ pz = p + it->term * S;
+          const T c = it->value;
+#pragma omp simd
+          for (int64_t j = 0; j < S; ++j) acc[j] += c * pz[j];
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < S; ++j) kh[q * S + j] = acc[j];
+      }
+    }
+  }
+  const T* matrix(int64_t e, int64_t h) {
+    if (e >= stop || e < start) build(e);
+    return k.data() + h * size * stride + (e - start);
+  }
+  T* grad_matrix(int64_t e, int64_t h) {
+    gk.resize(H * size * stride);
+    return gk.data() + h * size * stride + (e - start);
+  }
+  void grad_done(int64_t e, int64_t h) {  // after the tile's last matrix: dK -> the terms' gradient -> dw, dv, du
+    if (e != stop - 1 || h != H - 1) return;
+    constexpr int64_t S = stride;
+    const int64_t n = stop - start;
+    gvu.assign((V + 1) * S, T(0));  // d / d vu, summed over terms and heads
+    for (int64_t h = 0; h < H; ++h) {
+      const T* gkh = gk.data() + h * size * S;
+      auto it = by_term->begin(), last = by_term->end();
+      for (int64_t t = 0; t < NT; ++t) {
+        T gt[S] = {};  // d / d(w[h, t] a[t] u)
+        for (; it != last && it->term == t; ++it) {
+          const T* __restrict__ kz = gkh + it->pos * S;
+          const T c = it->value;
+#pragma omp simd
+          for (int64_t j = 0; j < S; ++j) gt[j] += c * kz[j];
+        }
+        const T* __restrict__ wt = w + (h * NT + t) * E + start;
+        const T* __restrict__ vt = vu.data() + row(t) * S;
+        T* __restrict__ gvt = gvu.data() + row(t) * S;
+        if (gw) {
+          T* __restrict__ out = gw + (h * NT + t) * E + start;
+          if (stop + S <= end) __builtin_prefetch(out + 2 * S, 1);  // (see build)
+          if (n == S) {
+#pragma omp simd
+            for (int64_t j = 0; j < S; ++j) out[j] = gt[j] * vt[j];
+          } else {
+            for (int64_t j = 0; j < n; ++j) out[j] = gt[j] * vt[j];
+          }
+        }
+        if (n == S) {
+#pragma omp simd
+          for (int64_t j = 0; j < S; ++j) gvt[j] += gt[j] * wt[j];
+        } else {
+          for (int64_t j = 0; j < n; ++j) gvt[j] += gt[j] * wt[j];
+        }
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {  // vu[r] = v[r] u, vu[V] = u
+      const T ue = u[start + j];
+      const T* ve = v + (start + j) * v_stride;
+      T du = gvu[V * S + j];
+      for (int64_t r = 0; r < V; ++r) {
+        const T gr = gvu[r * S + j];
+        if (gv) gv[(start + j) * V + r] = gr * ue;
+        du += gr * ve[r];
+      }
+      if (gu) gu[start + j] = du;
+    }
+  }
+};
+
 // The kernels take DI and DO as template constants for the common sizes (1, 4, 9: lmax 0, 1, 2 features; 0 =
 // read from Dims) so that the loops over the matrix entries unroll and the sums stay in registers; the innermost
 // loop runs over the P channels of a head (SIMD).
-template <typename T, int FDI, int FDO>
-void forward_kernel(const T* x, const T* K, const T* c, const int64_t* src, const int64_t* dst, T* out, Dims d) {
+template <typename T, int FDI, int FDO, typename Source>
+void forward_kernel(const T* x, const Source& source, const T* c, const int64_t* src, const int64_t* dst, T* out,
+                    Dims d) {
   const int64_t DI = FDI ? FDI : d.DI, DO = FDO ? FDO : d.DO, P = d.P;
+  constexpr int64_t S = Source::stride;
   const int64_t in_width = d.H * DI * P, out_width = d.H * DO * P;
   Accumulators<T> acc(out, d.N * out_width);
   at::parallel_for(0, d.E, 256, [&](int64_t begin, int64_t end) {
     T* sums = acc.get();
+    Source matrices = source;  // this thread's copy (scratch buffers)
+    matrices.range(begin, end);
     for (int64_t e = begin; e < end; ++e) {
       for (int64_t h = 0; h < d.H; ++h) {
         const T* __restrict__ xs = x + src[e] * in_width + h * DI * P;
-        const T* __restrict__ Ke = K + (e * d.H + h) * DO * DI;
+        const T* __restrict__ Ke = matrices.matrix(e, h);
         const T* __restrict__ ce = c ? c + (e * d.H + h) * P : nullptr;
         T* __restrict__ o = sums + dst[e] * out_width + h * DO * P;
         for (int64_t r = 0; r < DO; ++r) {
-          const T* __restrict__ Kr = Ke + r * DI;
+          const T* __restrict__ Kr = Ke + r * DI * S;
 #pragma omp simd
           for (int64_t q = 0; q < P; ++q) {
             T s = 0;
-            for (int64_t i = 0; i < DI; ++i) s += Kr[i] * xs[i * P + q];
+            for (int64_t i = 0; i < DI; ++i) s += Kr[i * S] * xs[i * P + q];
             o[r * P + q] += ce ? s * ce[q] : s;
           }
         }
@@ -92,11 +257,12 @@ void forward_kernel(const T* x, const T* K, const T* c, const int64_t* src, cons
 // Columns of the transposed, zero-padded features xT (N, H, P, DIP) that the kernel-matrix gradient reads.
 constexpr int padded(int n) { return n <= 4 ? 4 : (n <= 8 ? 8 : 16); }
 
-template <typename T, int FDI, int FDO>
-void backward_kernel(const T* g, const T* x, const T* xT, const T* K, const T* c, const int64_t* src,
-                     const int64_t* dst, T* gx, T* gK, T* gc, Dims d) {
+template <typename T, int FDI, int FDO, typename Source>
+void backward_kernel(const T* g, const T* x, const T* xT, const Source& source, const T* c, const int64_t* src,
+                     const int64_t* dst, T* gx, T* gc, Dims d) {
   const int64_t DI = FDI ? FDI : d.DI, DO = FDO ? FDO : d.DO, P = d.P;
   constexpr int DIP = padded(FDI);
+  constexpr int64_t S = Source::stride;
   const int64_t in_width = d.H * DI * P, out_width = d.H * DO * P;
   Accumulators<T> acc(gx, gx ? d.N * in_width : 0);
   at::parallel_for(0, d.E, 256, [&](int64_t begin, int64_t end) {
@@ -104,13 +270,17 @@ void backward_kernel(const T* g, const T* x, const T* xT, const T* K, const T* c
     std::vector<T> scratch(2 * DI * P);  // x c and u (below) of one edge and head
     T* __restrict__ xc = scratch.data();
     T* __restrict__ u = xc + DI * P;
+    Source matrices = source;  // this thread's copy (scratch buffers)
+    matrices.range(begin, end);
+    const bool gK = matrices.grad();
     for (int64_t e = begin; e < end; ++e) {
       for (int64_t h = 0; h < d.H; ++h) {
         const int64_t eh = e * d.H + h;
         const T* __restrict__ xs = x + src[e] * in_width + h * DI * P;
         const T* __restrict__ gd = g + dst[e] * out_width + h * DO * P;
-        const T* __restrict__ Ke = K + eh * DO * DI;
+        const T* __restrict__ Ke = matrices.matrix(e, h);
         const T* __restrict__ ce = c ? c + eh * P : nullptr;
+        T* __restrict__ gKe = gK ? matrices.grad_matrix(e, h) : nullptr;
         bool done = false;
         if constexpr (FDO > 0) {
           if (gK && xT) {  // gK[r, :] = sum_q (g[r, q] c[q]) xT[q, :]: DO vector accumulators over the padded i
@@ -124,9 +294,8 @@ void backward_kernel(const T* g, const T* x, const T* xT, const T* K, const T* c
                 for (int i = 0; i < DIP; ++i) a[r][i] += grq * xt[q * DIP + i];
               }
             }
-            T* __restrict__ gKe = gK + eh * DO * DI;
             for (int r = 0; r < FDO; ++r)
-              for (int i = 0; i < FDI; ++i) gKe[r * FDI + i] = a[r][i];
+              for (int i = 0; i < FDI; ++i) gKe[(r * FDI + i) * S] = a[r][i];
             done = true;
           }
         }
@@ -139,7 +308,6 @@ void backward_kernel(const T* g, const T* x, const T* xT, const T* K, const T* c
             }
             xcs = xc;
           }
-          T* __restrict__ gKe = gK + eh * DO * DI;
           for (int64_t i = 0; i < DI; ++i) {
             const T* __restrict__ xi = xcs + i * P;
             int64_t r = 0;
@@ -154,19 +322,20 @@ void backward_kernel(const T* g, const T* x, const T* xT, const T* K, const T* c
                 s2 += g2[q] * xi[q];
                 s3 += g3[q] * xi[q];
               }
-              gKe[r * DI + i] = s0;
-              gKe[(r + 1) * DI + i] = s1;
-              gKe[(r + 2) * DI + i] = s2;
-              gKe[(r + 3) * DI + i] = s3;
+              gKe[(r * DI + i) * S] = s0;
+              gKe[((r + 1) * DI + i) * S] = s1;
+              gKe[((r + 2) * DI + i) * S] = s2;
+              gKe[((r + 3) * DI + i) * S] = s3;
             }
             for (; r < DO; ++r) {
               T s = 0;
 #pragma omp simd reduction(+ : s)
               for (int64_t q = 0; q < P; ++q) s += gd[r * P + q] * xi[q];
-              gKe[r * DI + i] = s;
+              gKe[(r * DI + i) * S] = s;
             }
           }
         }
+        if (gK) matrices.grad_done(e, h);
         if (!gx_sums && !gc) continue;
         // u[i, q] = sum_r K[r, i] g[r, q];  gx[src, i, q] += u[i, q] c[q];  gc[q] = sum_i u[i, q] x[i, q]
         for (int64_t i = 0; i < DI; ++i) {
@@ -174,7 +343,7 @@ void backward_kernel(const T* g, const T* x, const T* xT, const T* K, const T* c
 #pragma omp simd
           for (int64_t q = 0; q < P; ++q) {
             T s = 0;
-            for (int64_t r = 0; r < DO; ++r) s += Ke[r * DI + i] * gd[r * P + q];
+            for (int64_t r = 0; r < DO; ++r) s += Ke[(r * DI + i) * S] * gd[r * P + q];
             ui[q] = s;
           }
         }
@@ -214,16 +383,46 @@ F pick(const Dims& d, F f1, F f4, F f9, F f0) {
   return f0;
 }
 
+template <typename T, typename Source>
+void run_forward(const at::Tensor& x, const Source& source, const at::Tensor& c, const at::Tensor& src,
+                 const at::Tensor& dst, at::Tensor& out, const Dims& d) {
+  auto kernel = pick(d, forward_kernel<T, 1, 1, Source>, forward_kernel<T, 4, 4, Source>,
+                     forward_kernel<T, 9, 9, Source>, forward_kernel<T, 0, 0, Source>);
+  kernel(x.data_ptr<T>(), source, c.numel() ? c.data_ptr<T>() : nullptr, src.data_ptr<int64_t>(),
+         dst.data_ptr<int64_t>(), out.data_ptr<T>(), d);
+}
+
+template <typename T, typename Source>
+void run_backward(const at::Tensor& grad_out, const at::Tensor& x, const Source& source, const at::Tensor& c,
+                  const at::Tensor& src, const at::Tensor& dst, at::Tensor& gx, at::Tensor& gc, const Dims& d) {
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.numel() == d.N * d.H * d.DO * d.P, "grad_out must match out");
+  // sizes known at compile time (DI = DO in {1, 4, 9}): the kernel-matrix gradient reads x transposed, (N, H, P, i)
+  // with i zero-padded to a vector width, and accumulates in registers without horizontal sums
+  const bool fixed = d.DI == d.DO && (d.DI == 1 || d.DI == 4 || d.DI == 9);
+  at::Tensor xT;
+  if (source.grad() && fixed) {
+    xT = at::zeros({d.N, d.H, d.P, d.DI == 9 ? 16 : 4}, x.options());
+    xT.narrow(3, 0, d.DI).copy_(x.transpose(2, 3));
+  }
+  auto kernel = pick(d, backward_kernel<T, 1, 1, Source>, backward_kernel<T, 4, 4, Source>,
+                     backward_kernel<T, 9, 9, Source>, backward_kernel<T, 0, 0, Source>);
+  kernel(grad_out.data_ptr<T>(), x.data_ptr<T>(), xT.defined() ? xT.data_ptr<T>() : nullptr, source,
+         c.numel() ? c.data_ptr<T>() : nullptr, src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(),
+         gx.defined() ? gx.data_ptr<T>() : nullptr, gc.defined() ? gc.data_ptr<T>() : nullptr, d);
+}
+
+template <typename T>
+T* data_or_null(at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
 at::Tensor forward(const at::Tensor& x, const at::Tensor& K, const at::Tensor& c, const at::Tensor& src,
                    const at::Tensor& dst, int64_t num_nodes) {
   Dims d = check(x, K, c, src, dst, num_nodes);
   auto out = at::zeros({d.N, d.H, d.DO, d.P}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_aggregate_forward", [&] {
-    auto kernel = pick(d, forward_kernel<scalar_t, 1, 1>, forward_kernel<scalar_t, 4, 4>, forward_kernel<scalar_t, 9, 9>,
-                       forward_kernel<scalar_t, 0, 0>);
-    kernel(x.data_ptr<scalar_t>(), K.data_ptr<scalar_t>(),
-                             c.numel() ? c.data_ptr<scalar_t>() : nullptr, src.data_ptr<int64_t>(),
-                             dst.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), d);
+    StoredMatrices<scalar_t> source{K.data_ptr<scalar_t>(), nullptr, d.H, d.DO * d.DI};
+    run_forward<scalar_t>(x, source, c, src, dst, out, d);
   });
   return out;
 }
@@ -232,30 +431,102 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
                                  const at::Tensor& c, const at::Tensor& src, const at::Tensor& dst, bool need_x,
                                  bool need_K, bool need_c) {
   Dims d = check(x, K, c, src, dst, x.size(0));
-  TORCH_CHECK(grad_out.is_contiguous() && grad_out.numel() == d.N * d.H * d.DO * d.P, "grad_out must match out");
   auto gx = need_x ? at::zeros_like(x) : at::Tensor();
   auto gK = need_K ? at::empty_like(K) : at::Tensor();
   auto gc = need_c && c.numel() ? at::empty_like(c) : at::Tensor();
-  // sizes known at compile time (DI = DO in {1, 4, 9}): the kernel-matrix gradient reads x transposed, (N, H, P, i)
-  // with i zero-padded to a vector width, and accumulates in registers without horizontal sums
-  const bool fixed = d.DI == d.DO && (d.DI == 1 || d.DI == 4 || d.DI == 9);
-  at::Tensor xT;
-  if (need_K && fixed) {
-    const int64_t pad = d.DI == 9 ? 16 : 4;
-    xT = at::zeros({d.N, d.H, d.P, pad}, x.options());
-    xT.narrow(3, 0, d.DI).copy_(x.transpose(2, 3));
-  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_aggregate_backward", [&] {
-    auto kernel = pick(d, backward_kernel<scalar_t, 1, 1>, backward_kernel<scalar_t, 4, 4>,
-                       backward_kernel<scalar_t, 9, 9>, backward_kernel<scalar_t, 0, 0>);
-    kernel(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), xT.defined() ? xT.data_ptr<scalar_t>() : nullptr,
-           K.data_ptr<scalar_t>(),
-                              c.numel() ? c.data_ptr<scalar_t>() : nullptr, src.data_ptr<int64_t>(),
-                              dst.data_ptr<int64_t>(), gx.defined() ? gx.data_ptr<scalar_t>() : nullptr,
-                              gK.defined() ? gK.data_ptr<scalar_t>() : nullptr,
-                              gc.defined() ? gc.data_ptr<scalar_t>() : nullptr, d);
+    StoredMatrices<scalar_t> source{K.data_ptr<scalar_t>(), data_or_null<scalar_t>(gK), d.H, d.DO * d.DI};
+    run_backward<scalar_t>(grad_out, x, source, c, src, dst, gx, gc, d);
   });
   return {gx, gK, gc};
+}
+
+// The same sums with the kernel matrices built from the head's terms (TermTiles). w (H, NT, E) contiguous; v (E, V) with unit column stride (e.g. a column slice of the kernel input); u (E, 1); rows (NT,);
+// cg_term, cg_pos, cg_value (NZ,).
+struct TermArgs {
+  const at::Tensor &w, &v, &u, &rows, &cg_term, &cg_pos, &cg_value;
+};
+
+Dims check_terms(const at::Tensor& x, const TermArgs& a, const at::Tensor& c, const at::Tensor& src,
+                 const at::Tensor& dst, int64_t num_nodes, int64_t d_out) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && c.is_contiguous(), "x must be (N, H, DI, P); x, c contiguous");
+  TORCH_CHECK(src.scalar_type() == at::kLong && dst.scalar_type() == at::kLong, "src and dst must be int64");
+  Dims d{num_nodes, src.numel(), x.size(1), x.size(2), d_out, x.size(3)};
+  TORCH_CHECK(x.size(0) == num_nodes && dst.numel() == d.E, "x must have num_nodes rows, src and dst one per edge");
+  TORCH_CHECK(a.w.dim() == 3 && a.w.is_contiguous() && a.w.size(2) == d.E && a.w.size(0) == d.H,
+              "w must be (H, NT, E), contiguous");
+  TORCH_CHECK(a.v.dim() == 2 && a.v.size(0) == d.E && a.v.stride(1) == 1, "v must be (E, V) with unit column stride");
+  TORCH_CHECK(a.u.numel() == d.E && a.u.is_contiguous(), "u must be (E, 1), contiguous");
+  for (const at::Tensor* t : {&a.w, &a.v, &a.u, &a.cg_value, &c})
+    TORCH_CHECK(t->numel() == 0 || t->scalar_type() == x.scalar_type(), "x, w, v, u, c and cg_value: one dtype");
+  TORCH_CHECK(c.numel() == 0 || c.numel() == d.E * d.H * d.P, "c must be (E, H, P) or empty");
+  const int64_t NT = a.w.size(1), NZ = a.cg_value.numel(), V = a.v.size(1);
+  TORCH_CHECK(a.rows.numel() == NT && a.cg_term.numel() == NZ && a.cg_pos.numel() == NZ, "plan sizes differ");
+  for (const at::Tensor* t : {&a.rows, &a.cg_term, &a.cg_pos})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "rows, cg_term, cg_pos: contiguous int64");
+  const int64_t *rows = a.rows.data_ptr<int64_t>(), *term = a.cg_term.data_ptr<int64_t>(),
+                *pos = a.cg_pos.data_ptr<int64_t>();
+  for (int64_t t = 0; t < NT; ++t) TORCH_CHECK(rows[t] >= -1 && rows[t] < V, "rows out of range");
+  for (int64_t n = 0; n < NZ; ++n)
+    TORCH_CHECK(term[n] >= 0 && term[n] < NT && pos[n] >= 0 && pos[n] < d.DO * d.DI, "cg entries out of range");
+  return d;
+}
+
+// The nonzero CG entries of the plan, sorted by position (first) and by term (second).
+template <typename T>
+std::pair<std::vector<CGEntry<T>>, std::vector<CGEntry<T>>> cg_entries(const TermArgs& a) {
+  const int64_t *term = a.cg_term.data_ptr<int64_t>(), *pos = a.cg_pos.data_ptr<int64_t>();
+  const T* value = a.cg_value.data_ptr<T>();
+  std::vector<CGEntry<T>> entries;
+  for (int64_t z = 0; z < a.cg_value.numel(); ++z) entries.push_back({term[z], pos[z], value[z]});
+  auto by_term = entries;
+  std::stable_sort(entries.begin(), entries.end(), [](const auto& x, const auto& y) { return x.pos < y.pos; });
+  std::stable_sort(by_term.begin(), by_term.end(), [](const auto& x, const auto& y) { return x.term < y.term; });
+  return {entries, by_term};
+}
+
+template <typename T>
+TermTiles<T> term_tiles(const TermArgs& a, const Dims& d, const std::pair<std::vector<CGEntry<T>>,
+                        std::vector<CGEntry<T>>>& entries, T* gw, T* gv, T* gu) {
+  return TermTiles<T>{a.w.data_ptr<T>(), a.v.data_ptr<T>(), a.u.data_ptr<T>(), a.rows.data_ptr<int64_t>(),
+                      &entries.first, &entries.second, d.E, d.H, d.DO * d.DI, a.w.size(1), a.v.size(1),
+                      a.v.stride(0), gw, gv, gu};
+}
+
+at::Tensor terms_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& v, const at::Tensor& u,
+                         const at::Tensor& c, const at::Tensor& src, const at::Tensor& dst, int64_t num_nodes,
+                         const at::Tensor& rows, const at::Tensor& cg_term, const at::Tensor& cg_pos,
+                         const at::Tensor& cg_value, int64_t d_out) {
+  TermArgs a{w, v, u, rows, cg_term, cg_pos, cg_value};
+  Dims d = check_terms(x, a, c, src, dst, num_nodes, d_out);
+  auto out = at::zeros({d.N, d.H, d.DO, d.P}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_terms_forward", [&] {
+    const auto entries = cg_entries<scalar_t>(a);
+    run_forward<scalar_t>(x, term_tiles<scalar_t>(a, d, entries, nullptr, nullptr, nullptr), c, src, dst, out, d);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> terms_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w,
+                                       const at::Tensor& v, const at::Tensor& u, const at::Tensor& c,
+                                       const at::Tensor& src, const at::Tensor& dst, const at::Tensor& rows,
+                                       const at::Tensor& cg_term, const at::Tensor& cg_pos,
+                                       const at::Tensor& cg_value, int64_t d_out, bool need_x, bool need_w,
+                                       bool need_v, bool need_u, bool need_c) {
+  TermArgs a{w, v, u, rows, cg_term, cg_pos, cg_value};
+  Dims d = check_terms(x, a, c, src, dst, x.size(0), d_out);
+  auto gx = need_x ? at::zeros_like(x) : at::Tensor();
+  auto gw = need_w ? at::empty_like(w) : at::Tensor();
+  auto gv = need_v ? at::empty({d.E, v.size(1)}, v.options()) : at::Tensor();
+  auto gu = need_u ? at::empty_like(u) : at::Tensor();
+  auto gc = need_c && c.numel() ? at::empty_like(c) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_terms_backward", [&] {
+    const auto entries = cg_entries<scalar_t>(a);
+    auto source = term_tiles<scalar_t>(a, d, entries, data_or_null<scalar_t>(gw), data_or_null<scalar_t>(gv),
+                                       data_or_null<scalar_t>(gu));
+    run_backward<scalar_t>(grad_out, x, source, c, src, dst, gx, gc, d);
+  });
+  return {gx, gw, gv, gu, gc};
 }
 
 // Self-connection with scalar node attributes (molkern.nn.self_connection, constant parameters): per node n and
@@ -334,5 +605,7 @@ at::Tensor attribute_linear(const at::Tensor& x, const at::Tensor& z, const at::
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused depthwise gather, kernel product and scatter-sum");
   m.def("backward", &backward, "its gradients with respect to x, K and c");
+  m.def("terms_forward", &terms_forward, "the same sums, kernel matrices built per edge from the head's terms");
+  m.def("terms_backward", &terms_backward, "its gradients with respect to x, w, v, u and c");
   m.def("attribute_linear", &attribute_linear, "self-connection with per-node attribute-weighted matrices");
 }

@@ -11,6 +11,8 @@ This head computes the same matrices as `DepthwiseProduct.kernel_matrices(Invari
 parameters, same values) with one matmul for the weights w of all terms (path, k, j), one for the vector
 components V of the terms (a 0/1 selection), their product and one matmul against the Clebsch-Gordan rows (plus
 one matmul for the channel weights), instead of a dozen small per-block products, splits and concatenations.
+Eagerly, `aggregate` goes further: the fused convolution builds the matrices from the weights, the vector
+components and the envelope itself (`molkern.nn.fused.depthwise_terms_aggregate`), none of them stored per edge.
 """
 
 import torch
@@ -19,6 +21,7 @@ from torch import nn
 
 from .constants import cached, parameters_constant
 from .depthwise import DepthwiseProduct
+from .fused import TermPlan, depthwise_terms_aggregate
 from .mlp import InvariantWeightedLinear
 
 
@@ -94,18 +97,18 @@ class InvariantDepthwiseHead(nn.Module):
         self.register_buffer("_selection", selection, persistent=False)  # (V, T): vector component of each term
         self.register_buffer("_constant", constant, persistent=False)  # (T,): 1 for the terms of 0e coefficients
         self.register_buffer("_cg", cg[[r for _, _, _, r in terms]], persistent=False)  # (T, d_out * d_in)
+        # the same, for building the matrices inside the fused convolution: each term's vector row (-1: none)
+        # and the nonzero Clebsch-Gordan entries (term, position, value)
+        self.register_buffer("_term_rows", torch.tensor([-1 if r is None else r for _, _, r, _ in terms]),
+                             persistent=False)
+        cg_term, cg_pos = torch.nonzero(self._cg, as_tuple=True)
+        self.register_buffer("_cg_term", cg_term, persistent=False)
+        self.register_buffer("_cg_pos", cg_pos, persistent=False)
 
     def forward(self, kernel_in: torch.Tensor, envelope: torch.Tensor):
         num_edges = kernel_in.shape[0]
-        scalars, vectors = torch.split(kernel_in, self._split, dim=1)  # (E, S), (E, V)
-        if not self._scalars_first:
-            scalars, vectors = vectors, scalars
-        if parameters_constant():
-            sources = (self.weight, self.bias, self._scale, self._selection, self._constant, self._cg)
-            folded = cached(self, f"folded_{kernel_in.dtype}", sources, lambda: self._folded(kernel_in.dtype))
-        else:
-            folded = self._folded(kernel_in.dtype)
-        term_weight, term_bias, channel_weight, channel_bias, selection, constant, cg = folded
+        scalars, vectors, folded = self._inputs(kernel_in)
+        term_weight, term_bias, channel_weight, channel_bias, selection, constant, cg, _ = folded
         term_weights = torch.addmm(term_bias, scalars, term_weight)  # (E, H T)
         vectors = torch.addmm(constant, vectors, selection) * envelope  # (E, T)
         # (the messages are linear in the kernels: the envelope goes on the narrowest factor)
@@ -120,13 +123,48 @@ class InvariantDepthwiseHead(nn.Module):
         channel_weights = torch.addmm(channel_bias, scalars, channel_weight)
         return kernels, channel_weights  # (E, H, d_out, d_in), (E, U)
 
+    def aggregate(self, node_feats: torch.Tensor, kernel_in: torch.Tensor, envelope: torch.Tensor,
+                  edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
+        """The convolution's sums with these kernels (`DepthwiseProduct.aggregate` of `forward`'s kernels and
+        channel weights), the kernel matrices built inside the fused pass (`depthwise_terms_aggregate`).
+
+        node_feats: (N, H, d_in, U / H) head-major features -> (num_nodes, H, d_out, U / H)
+        """
+        num_edges = kernel_in.shape[0]
+        scalars, vectors, folded = self._inputs(kernel_in)
+        term_weight, term_bias, channel_weight, channel_bias = folded[:4]
+        # edges last: the fused pass reads the weights of consecutive edges as vectors
+        term_weights = torch.addmm(term_bias[:, None], term_weight.t(), scalars.t())  # (H T, E)
+        channel_weights = None
+        if self.num_channel_weights:
+            channel_weights = torch.addmm(channel_bias, scalars, channel_weight)
+            channel_weights = channel_weights.view(num_edges, self.heads, self.num_channel_weights // self.heads)
+        plan = TermPlan(self._term_rows, self._cg_term, self._cg_pos, folded[7], folded[6], self._matrix[0])
+        return depthwise_terms_aggregate(node_feats, term_weights.view(self.heads, self.num_terms, num_edges),
+                                         vectors, envelope, channel_weights, edge_index[0], edge_index[1], num_nodes,
+                                         plan)
+
+    def _inputs(self, kernel_in: torch.Tensor):
+        """The kernel input's invariants (E, S) and vector part (E, V), and `_folded` (cached with constant
+        parameters)."""
+        scalars, vectors = torch.split(kernel_in, self._split, dim=1)
+        if not self._scalars_first:
+            scalars, vectors = vectors, scalars
+        if parameters_constant():
+            sources = (self.weight, self.bias, self._scale, self._selection, self._constant, self._cg)
+            return scalars, vectors, cached(self, f"folded_{kernel_in.dtype}", sources,
+                                            lambda: self._folded(kernel_in.dtype))
+        return scalars, vectors, self._folded(kernel_in.dtype)
+
     def _folded(self, dtype: torch.dtype):
-        """The weights and biases of the terms and the channel weights (scaled), and the constant matrices in dtype."""
+        """The weights and biases of the terms and the channel weights (scaled), and the constant matrices in dtype:
+        selection (V, T), constant (T,), cg (T, d_out d_in), the nonzero cg values (NZ,)."""
         weight = self.weight * self._scale  # (S, W)
         channels = (weight[:, self._channel_columns], self.bias[self._channel_columns]) if self.num_channel_weights \
             else (None, None)
+        cg = self._cg.to(dtype)
         return (weight[:, self._weight_columns], self.bias[self._weight_columns], *channels,
-                self._selection.to(dtype), self._constant.to(dtype), self._cg.to(dtype))
+                self._selection.to(dtype), self._constant.to(dtype), cg, cg[self._cg_term, self._cg_pos])
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in} -> {self.heads} heads x {self.num_terms} terms, {self.num_channel_weights} channel weights"
