@@ -99,7 +99,10 @@ def test_invariant_depthwise_head_equals_invariant_weighted_linear(name):
     finally:
         torch.set_default_dtype(torch.float32)
     edges = emb(**inputs)
+    assert torch.equal(torch.cat(edges.kernel_in_parts, dim=1), edges.kernel_in)  # the same columns, apart
     kernels, channel_weights = head(edges.kernel_in, edges.envelope)
+    from_parts = head(edges.kernel_in, edges.envelope, edges.kernel_in_parts)
+    assert torch.equal(from_parts[0], kernels) and torch.equal(from_parts[1], channel_weights)
     out = linear(edges.kernel_in)
     coefficients, expected_weights = torch.split(out, [kernel.irreps_angular.dim, kernel.num_channel_weights], 1)
     expected = kernel.tp.kernel_matrices(coefficients * edges.envelope)
@@ -110,6 +113,23 @@ def test_invariant_depthwise_head_equals_invariant_weighted_linear(name):
     expected_grads = torch.autograd.grad((expected * probe).sum(), [linear.weight, linear.bias])
     for g, e in zip(grads, expected_grads):
         assert (g - e).abs().max() < 1e-10
+
+
+def test_invariant_trunk_kernel_input_without_the_split_is_the_same():
+    """With only scalar attributes the embedding builds the trunk's input and kernel_in's two parts without
+    concatenating and splitting the front: the same kernel_in as the general path."""
+    torch.manual_seed(0)
+    emb = EdgeEmbedding(5.0, lmax=4, irreps_node_attr="3x0e", trunk_layers=2, trunk_width=8, trunk_type="invariant")
+    assert emb._scalars_apart
+    vec, attrs = torch.randn(12, 3) * 2, torch.randn(4, 3)
+    edge_index = torch.randint(0, 4, (2, 12))
+    fast = emb(vec, node_attrs=attrs, edge_index=edge_index)
+    emb._scalars_apart = False
+    general = emb(vec, node_attrs=attrs, edge_index=edge_index)
+    assert fast.kernel_in.shape == (12, emb.irreps_kernel_in.dim)
+    torch.testing.assert_close(fast.kernel_in, general.kernel_in, rtol=0, atol=0)
+    for a, b in zip(fast.kernel_in_parts, general.kernel_in_parts):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_invariant_weighted_linear_checks_its_irreps():

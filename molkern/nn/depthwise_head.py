@@ -38,7 +38,7 @@ class InvariantDepthwiseHead(nn.Module):
     tp.irreps_coefficients + U x 0e)` (same initialisation, same columns, interchangeable state dicts).
 
     Shapes:
-        kernel_in: (E, irreps_kernel_in.dim), envelope: (E, 1)
+        kernel_in: (E, irreps_kernel_in.dim), envelope: (E, 1), optional kernel_in_parts (`Edges.kernel_in_parts`)
             -> kernels (E, H, d_out, d_in) times the envelope, channel_weights (E, U) or None
     """
 
@@ -105,9 +105,9 @@ class InvariantDepthwiseHead(nn.Module):
         self.register_buffer("_cg_term", cg_term, persistent=False)
         self.register_buffer("_cg_pos", cg_pos, persistent=False)
 
-    def forward(self, kernel_in: torch.Tensor, envelope: torch.Tensor):
+    def forward(self, kernel_in: torch.Tensor, envelope: torch.Tensor, kernel_in_parts=None):
         num_edges = kernel_in.shape[0]
-        scalars, vectors, folded = self._inputs(kernel_in)
+        scalars, vectors, folded = self._inputs(kernel_in, kernel_in_parts)
         term_weight, term_bias, channel_weight, channel_bias, selection, constant, cg, _ = folded
         term_weights = torch.addmm(term_bias, scalars, term_weight)  # (E, H T)
         vectors = torch.addmm(constant, vectors, selection) * envelope  # (E, T)
@@ -124,14 +124,14 @@ class InvariantDepthwiseHead(nn.Module):
         return kernels, channel_weights  # (E, H, d_out, d_in), (E, U)
 
     def aggregate(self, node_feats: torch.Tensor, kernel_in: torch.Tensor, envelope: torch.Tensor,
-                  edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
+                  edge_index: torch.Tensor, num_nodes: int, kernel_in_parts=None) -> torch.Tensor:
         """The convolution's sums with these kernels (`DepthwiseProduct.aggregate` of `forward`'s kernels and
         channel weights), the kernel matrices built inside the fused pass (`depthwise_terms_aggregate`).
 
         node_feats: (N, H, d_in, U / H) head-major features -> (num_nodes, H, d_out, U / H)
         """
         num_edges = kernel_in.shape[0]
-        scalars, vectors, folded = self._inputs(kernel_in)
+        scalars, vectors, folded = self._inputs(kernel_in, kernel_in_parts)
         term_weight, term_bias, channel_weight, channel_bias = folded[:4]
         # edges last: the fused pass reads the weights of consecutive edges as vectors
         term_weights = torch.addmm(term_bias[:, None], term_weight.t(), scalars.t())  # (H T, E)
@@ -144,12 +144,15 @@ class InvariantDepthwiseHead(nn.Module):
                                          vectors, envelope, channel_weights, edge_index[0], edge_index[1], num_nodes,
                                          plan)
 
-    def _inputs(self, kernel_in: torch.Tensor):
-        """The kernel input's invariants (E, S) and vector part (E, V), and `_folded` (cached with constant
-        parameters)."""
-        scalars, vectors = torch.split(kernel_in, self._split, dim=1)
-        if not self._scalars_first:
-            scalars, vectors = vectors, scalars
+    def _inputs(self, kernel_in: torch.Tensor, kernel_in_parts=None):
+        """The kernel input's invariants (E, S) and vector part (E, V) (kernel_in_parts, when given: the same
+        columns as two tensors, invariants first), and `_folded` (cached with constant parameters)."""
+        if kernel_in_parts is not None and self._scalars_first:
+            scalars, vectors = kernel_in_parts
+        else:
+            scalars, vectors = torch.split(kernel_in, self._split, dim=1)
+            if not self._scalars_first:
+                scalars, vectors = vectors, scalars
         if parameters_constant():
             sources = (self.weight, self.bias, self._scale, self._selection, self._constant, self._cg)
             return scalars, vectors, cached(self, f"folded_{kernel_in.dtype}", sources,

@@ -1,6 +1,6 @@
 """Edge geometry, computed once per forward pass and shared by every layer's kernel."""
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from e3nn import o3
@@ -25,6 +25,9 @@ class Edges(NamedTuple):
             for standard kernels; None when the embedding builds `kernel_in` (implicit kernels do not use it).
         kernel_in: (E, irreps_kernel_in.dim) input of the implicit kernels' heads (the front features, or the
             output of the shared MLP trunk when there is one), or None.
+        kernel_in_parts: with an "invariant" trunk, kernel_in's invariant block (E, trunk_width) and its other
+            columns (E, rest) as separate tensors (the same values; a head that reads them apart spares kernel_in
+            the split, and its gradient the concatenation), else None.
     """
 
     vec: torch.Tensor
@@ -33,6 +36,7 @@ class Edges(NamedTuple):
     radial: torch.Tensor
     sh: Optional[torch.Tensor]
     kernel_in: Optional[torch.Tensor]
+    kernel_in_parts: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
 
 def _split_scalars(irreps: o3.Irreps):
@@ -43,6 +47,11 @@ def _split_scalars(irreps: o3.Irreps):
         o3.Irreps([mi for mi, s in zip(irreps, is_scalar) if not s]),
         is_scalar,
     )
+
+
+def _cat(parts: List[torch.Tensor]) -> torch.Tensor:
+    """Concatenation along the last dimension; a single part as it is."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def _take(x: torch.Tensor, irreps: o3.Irreps, mask) -> List[torch.Tensor]:
@@ -165,6 +174,9 @@ class EdgeEmbedding(nn.Module):
             blocks = [ir for _, ir in self.irreps_front]
             self._front_sizes = [mul_ir.dim for mul_ir in self.irreps_front]
             self._front_scalar = blocks.index(o3.Irrep("0e"))
+            # the front in cat order with exactly the scalar parts as its 0e block, first: no split needed
+            self._scalars_apart = sort is None and self._front_scalar == 0 and \
+                self.irreps_front[0].dim == self.irreps_scalars.dim
             sizes = [self.irreps_front[self._front_scalar].dim] + [trunk_width] * trunk_layers
             layers = []
             for size_in, size_out in zip(sizes[:-1], sizes[1:]):
@@ -232,16 +244,24 @@ class EdgeEmbedding(nn.Module):
         ) * self._harmonics_scale()  # (E, irreps_harmonics.dim)
         if self.harmonics_norm is not None and not self._norm_folded():
             harmonics = self.harmonics_norm(harmonics)
-        parts = scalars + [harmonics] + ([vectors] if vectors is not None else [])
+        others = [harmonics] + ([vectors] if vectors is not None else [])
         if self.products is not None:
-            parts.append(self.products(vectors, torch.cat([harmonics, vectors[:, self._num_ref :]], dim=-1)))
-        kernel_in = torch.cat(parts, dim=-1)
+            others.append(self.products(vectors, torch.cat([harmonics, vectors[:, self._num_ref :]], dim=-1)))
+        if self.trunk is not None and self.trunk_type == "invariant" and self._scalars_apart:
+            # invariants through the MLP, the rest passed on: (E, irreps_kernel_in.dim), also as two parts
+            invariants = self.trunk(_cat(scalars))
+            rest = _cat(others)
+            return Edges(edge_vec, length, envelope, radial, None, torch.cat([invariants, rest], dim=1),
+                         (invariants, rest))
+        kernel_in = torch.cat(scalars + others, dim=-1)
         if self._sort_columns is not None:
             kernel_in = torch.index_select(kernel_in, 1, self._sort_columns)  # (E, irreps_front.dim)
         if self.trunk is not None and self.trunk_type == "gated":
             kernel_in = self.trunk(kernel_in)  # (E, irreps_kernel_in.dim)
         elif self.trunk is not None:  # invariants through the MLP, the rest passed on: (E, irreps_kernel_in.dim)
             parts = list(torch.split(kernel_in, self._front_sizes, dim=1))
-            parts[self._front_scalar] = self.trunk(parts[self._front_scalar])
-            kernel_in = torch.cat([parts.pop(self._front_scalar)] + parts, dim=1)
+            invariants = self.trunk(parts.pop(self._front_scalar))
+            rest = _cat(parts) if parts else invariants.new_zeros(num_edges, 0)
+            return Edges(edge_vec, length, envelope, radial, None, torch.cat([invariants, rest], dim=1),
+                         (invariants, rest))
         return Edges(edge_vec, length, envelope, radial, None, kernel_in)

@@ -187,7 +187,8 @@ class ImplicitKernel(nn.Module):
                 # eager: the kernel matrices built inside the fused pass, never stored per edge
                 _, d_in, _, per_head = self.tp.dims
                 x = node_feats.view(-1, self.tp.heads, d_in, per_head)
-                sums = self.mlp.aggregate(x, edges.kernel_in, edges.envelope, edge_index, num_nodes)
+                sums = self.mlp.aggregate(x, edges.kernel_in, edges.envelope, edge_index, num_nodes,
+                                          edges.kernel_in_parts)
                 return sums.view(num_nodes, self.irreps_out.dim)
             kernels, channel_weights = self._depthwise_kernels(edges)
             return self.tp.aggregate(node_feats, kernels, edge_index, num_nodes, channel_weights)
@@ -198,7 +199,7 @@ class ImplicitKernel(nn.Module):
         """The depthwise form's (E, H, d_out, d_in) kernel matrices, times the cutoff envelope (the messages are
         linear in them), and (E, U) channel weights or None."""
         if isinstance(self.mlp, InvariantDepthwiseHead):
-            return self.mlp(edges.kernel_in, edges.envelope)
+            return self.mlp(edges.kernel_in, edges.envelope, edges.kernel_in_parts)
         h = self.mlp(edges.kernel_in)  # (E, irreps_mlp_out.dim)
         if not self.num_channel_weights:
             return self.tp.kernel_matrices(h * edges.envelope), None
@@ -289,6 +290,6 @@ def kernel_matrix(kernel: nn.Module, edges: Edges) -> torch.Tensor:
     d_in = kernel.irreps_in.dim
     eye = torch.eye(d_in, dtype=edges.vec.dtype, device=edges.vec.device)
     basis = eye.repeat_interleave(num_edges, dim=0)  # (d_in * E, d_in)
-    repeated = Edges(*[None if t is None else t.repeat((d_in,) + (1,) * (t.dim() - 1)) for t in edges])
+    repeated = Edges(*[None if t is None else t.repeat((d_in,) + (1,) * (t.dim() - 1)) for t in edges[:-1]])
     columns = kernel(basis, repeated).view(d_in, num_edges, -1)  # (d_in, E, d_out)
     return columns.permute(1, 2, 0)  # (E, d_out, d_in)

@@ -204,7 +204,7 @@ class DenseSteerableConv3d(nn.Module):
         edges = self.edge_embedding(offsets, edge_attrs)
         # kernel_matrix applies the kernel to the d_in basis vectors of rho_in, repeating every edge d_in times;
         # run the kernel MLP once per tap instead and hand kernel_matrix the same kernel with its MLP done
-        edges = edges._replace(kernel_in=self.kernel.mlp(edges.kernel_in))  # (T, kernel MLP out dim)
+        edges = edges._replace(kernel_in=self.kernel.mlp(edges.kernel_in), kernel_in_parts=None)  # (T, MLP out dim)
         mat = kernel_matrix(_after_mlp(self.kernel), edges)  # (T, kernel.irreps_out.dim, d_in)
         if self.mix is not None:
             eye = torch.eye(self.kernel.irreps_out.dim, dtype=mat.dtype, device=mat.device)
