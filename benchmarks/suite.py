@@ -146,7 +146,7 @@ def _better(key: str, a, b):
         return a
     if "_per_s" in key:
         return max(a, b)
-    if key.endswith("_ms") or key.endswith("us_per_atom"):
+    if key == "ms" or key.endswith("_ms") or key.endswith("us_per_atom"):
         return min(a, b)
     return a
 

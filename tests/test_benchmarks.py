@@ -385,3 +385,13 @@ def test_worker_exit_reason_names_a_silent_kill(bench):
     assert bench.suite._exit_reason(killed) == "worker killed by SIGKILL (likely out of memory)"
     assert bench.suite._exit_reason(subprocess.CompletedProcess([], 1, "", "Traceback: boom\n")) == "Traceback: boom"
     assert "code 3" in bench.suite._exit_reason(subprocess.CompletedProcess([], 3, "", ""))
+
+
+def test_merge_rounds_keeps_the_best_time_of_every_point():
+    """Best over rounds: the smaller time per box (key "ms" too), per-atom costs recomputed from it."""
+    from benchmarks.suite import merge_rounds
+
+    rounds = [{"status": "ok", "points": [{"atoms": 100, "ms": 20.0, "compiled_ms": 9.0, "us_per_atom": 200.0}]},
+              {"status": "ok", "points": [{"atoms": 100, "ms": 15.0, "compiled_ms": 12.0, "us_per_atom": 150.0}]}]
+    point = merge_rounds(rounds)["points"][0]
+    assert point["ms"] == 15.0 and point["compiled_ms"] == 9.0 and point["us_per_atom"] == 150.0
