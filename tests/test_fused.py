@@ -178,20 +178,3 @@ def test_fused_terms_float32_two_threads_and_no_edges():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
     x, w, v, u, weights, src, dst, plan = random_term_inputs(0, 1, 4, 4, True)
     assert torch.equal(fused.depthwise_terms_aggregate(x, w, v, u, weights, src, dst, 6, plan), torch.zeros(6, 1, 4, 3))
-
-
-@pytest.mark.parametrize("channel_weights", [True, False])
-def test_fused_terms_operators_pass_torch_opcheck(channel_weights):
-    """The operators that graphs traced for torch.compile call for the matrices built inside the pass."""
-    x, w, v, u, weights, src, dst, plan = random_term_inputs(25, 2, 4, 4, channel_weights)
-    weights = x.new_zeros(0) if weights is None else weights
-    v = v.contiguous()
-    for t in (x, w, v, u):
-        t.requires_grad_()
-    weights.requires_grad_(channel_weights)
-    args = (x, w, v, u, weights, src, dst, 6, *plan[:5], plan.d_out)
-    torch.library.opcheck(torch.ops.molkern.depthwise_terms_aggregate, args)
-    grad = torch.randn(6, 2, 4, 3, dtype=torch.float64)
-    detached = [t.detach() for t in (x, w, v, u, weights)]
-    torch.library.opcheck(torch.ops.molkern.depthwise_terms_aggregate_backward,
-                          (grad, *detached, src, dst, *plan[:4], plan.d_out, True, True, True, True, channel_weights))

@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from .scatter import scatter_sum
-from .tracing import fused_sums_in_trace, is_tracing_for_compile
+from .tracing import is_tracing_for_compile
 
 _SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "depthwise_aggregate.cpp"
 _extension = None
@@ -231,82 +231,8 @@ def term_kernels(term_weights, vectors, envelope, plan: TermPlan):
     return (terms.reshape(-1, num_terms) @ plan.cg).view(num_edges, heads, plan.d_out, plan.cg.shape[1] // plan.d_out)
 
 
-@torch.library.custom_op("molkern::depthwise_terms_aggregate", mutates_args=())
-def _terms_aggregate(x: torch.Tensor, w: torch.Tensor, v: torch.Tensor, u: torch.Tensor, c: torch.Tensor,
-                     src: torch.Tensor, dst: torch.Tensor, num_nodes: int, rows: torch.Tensor, cg_term: torch.Tensor,
-                     cg_pos: torch.Tensor, cg_value: torch.Tensor, cg: torch.Tensor, d_out: int) -> torch.Tensor:
-    """The C++ pass with the matrices built inside (`_TermsAggregate`'s forward) as a torch operator, for graphs
-    traced for torch.compile; cg (the dense rows, for second derivatives) is not read here."""
-    return extension().terms_forward(x, w, v, u, c, src, dst, num_nodes, rows, cg_term, cg_pos, cg_value, d_out)
-
-
-@_terms_aggregate.register_fake
-def _(x, w, v, u, c, src, dst, num_nodes, rows, cg_term, cg_pos, cg_value, cg, d_out):
-    return x.new_empty(num_nodes, x.shape[1], d_out, x.shape[3])
-
-
-@torch.library.custom_op("molkern::depthwise_terms_aggregate_backward", mutates_args=())
-def _terms_aggregate_backward(grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, v: torch.Tensor,
-                              u: torch.Tensor, c: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
-                              rows: torch.Tensor, cg_term: torch.Tensor, cg_pos: torch.Tensor, cg_value: torch.Tensor,
-                              d_out: int, need_x: bool, need_w: bool, need_v: bool, need_u: bool, need_c: bool
-                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Its C++ backward: gradients for x, w, v, u and c (empty where not needed)."""
-    grads = extension().terms_backward(grad_out, x, w, v, u, c, src, dst, rows, cg_term, cg_pos, cg_value, d_out,
-                                       need_x, need_w, need_v, need_u, need_c)
-    return tuple(x.new_empty(0) if g is None else g for g in grads)
-
-
-@_terms_aggregate_backward.register_fake
-def _(grad_out, x, w, v, u, c, src, dst, rows, cg_term, cg_pos, cg_value, d_out, need_x, need_w, need_v, need_u,
-      need_c):
-    need_c = need_c and c.numel() > 0
-    return tuple(t.new_empty(t.shape) if need else t.new_empty(0)
-                 for t, need in ((x, need_x), (w, need_w), (v, need_v), (u, need_u), (c, need_c)))
-
-
-def _terms_backward(ctx, grad_out, eager: bool):
-    """Gradients for x, w, v, u, c of the operator (eager=False) or of `_TermsAggregate` (eager=True)."""
-    x, w, v, u, c, src, dst = ctx.saved_tensors
-    plan = ctx.plan
-    need_x, need_w, need_v, need_u, need_c = ctx.needs_input_grad[:5]
-    need_c = need_c and c.numel() > 0
-    grad_out = grad_out.contiguous()
-    if not torch.is_grad_enabled():  # a first derivative only: the fused C++ pass
-        args = (grad_out, x, w, v, u, c, src, dst, *plan[:4], plan.d_out, need_x, need_w, need_v, need_u, need_c)
-        grads = extension().terms_backward(*args) if eager else _terms_aggregate_backward(*args)
-        return [g if need else None for g, need in zip(grads, (need_x, need_w, need_v, need_u, need_c))]
-    # create_graph: the matrices and every gradient in differentiable operations
-    kernels = term_kernels(w, v, u, plan)
-    gx, gk, gc = _differentiable_gradients(grad_out, x, kernels, c, src, dst, need_x, need_w or need_v or need_u,
-                                           need_c, eager)
-    gw = gv = gu = None
-    if gk is not None:
-        heads, num_terms, num_edges = w.shape
-        g_terms = (gk.reshape(-1, gk.shape[2] * gk.shape[3]) @ plan.cg.T).view(num_edges, heads, num_terms)
-        columns = _term_columns(v, plan)  # (E, T)
-        gw = (g_terms * (columns * u).unsqueeze(1)).permute(1, 2, 0) if need_w else None
-        per_factor = (g_terms * w.permute(2, 0, 1)).sum(1)  # (E, T): the gradient for a[e, t] u[e]
-        if need_v:
-            padded = v.new_zeros(num_edges, v.shape[1] + 1)
-            gv = padded.index_add(1, plan.rows % padded.shape[1], per_factor * u)[:, :-1]
-        if need_u:
-            gu = (per_factor * columns).sum(1, keepdim=True)
-    return [gx, gw, gv, gu, gc]
-
-
-def _terms_setup_context(ctx, inputs, output):
-    x, w, v, u, c, src, dst, _, rows, cg_term, cg_pos, cg_value, cg, d_out = inputs
-    ctx.save_for_backward(x, w, v, u, c, src, dst)
-    ctx.plan = TermPlan(rows, cg_term, cg_pos, cg_value, cg, d_out)
-
-
-_terms_aggregate.register_autograd(lambda ctx, grad_out: (*_terms_backward(ctx, grad_out, eager=False),) + (None,) * 9,
-                                   setup_context=_terms_setup_context)
-
-
 class _TermsAggregate(torch.autograd.Function):
-    """The operator's pass and derivatives for eager calls (an autograd.Function costs less per call)."""
+    """`depthwise_aggregate` of `term_kernels`, the matrices built per edge inside the C++ pass (eager only)."""
 
     @staticmethod
     def forward(ctx, x, term_weights, vectors, envelope, channel_weights, src, dst, num_nodes, plan):
@@ -317,28 +243,49 @@ class _TermsAggregate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*_terms_backward(ctx, grad_out, eager=True), None, None, None, None)
+        x, w, v, u, c, src, dst = ctx.saved_tensors
+        plan = ctx.plan
+        need_x, need_w, need_v, need_u, need_c = ctx.needs_input_grad[:5]
+        need_c = need_c and c.numel() > 0
+        grad_out = grad_out.contiguous()
+        if not torch.is_grad_enabled():  # a first derivative only: the fused C++ pass
+            grads = extension().terms_backward(grad_out, x, w, v, u, c, src, dst, *plan[:4], plan.d_out, need_x,
+                                               need_w, need_v, need_u, need_c)
+            grads = [g if need else None for g, need in zip(grads, (need_x, need_w, need_v, need_u, need_c))]
+            return (*grads, None, None, None, None)
+        # create_graph: the matrices and every gradient in differentiable operations
+        kernels = term_kernels(w, v, u, plan)
+        gx, gk, gc = _differentiable_gradients(grad_out, x, kernels, c, src, dst, need_x, need_w or need_v or need_u,
+                                               need_c, eager=True)
+        gw = gv = gu = None
+        if gk is not None:
+            heads, num_terms, num_edges = w.shape
+            g_terms = (gk.reshape(-1, gk.shape[2] * gk.shape[3]) @ plan.cg.T).view(num_edges, heads, num_terms)
+            columns = _term_columns(v, plan)  # (E, T)
+            gw = (g_terms * (columns * u).unsqueeze(1)).permute(1, 2, 0) if need_w else None
+            per_factor = (g_terms * w.permute(2, 0, 1)).sum(1)  # (E, T): the gradient for a[e, t] u[e]
+            if need_v:
+                padded = v.new_zeros(num_edges, v.shape[1] + 1)
+                gv = padded.index_add(1, plan.rows % padded.shape[1], per_factor * u)[:, :-1]
+            if need_u:
+                gu = (per_factor * columns).sum(1, keepdim=True)
+        return gx, gw, gv, gu, gc, None, None, None, None
 
 
 def depthwise_terms_aggregate(x, term_weights, vectors, envelope, channel_weights: Optional[torch.Tensor], src, dst,
                               num_nodes: int, plan: TermPlan):
     """`depthwise_aggregate(x, term_kernels(term_weights, vectors, envelope, plan), channel_weights, ...)` without
-    per-edge kernel matrices where the C++ extension is available: eager calls through an autograd.Function, graphs
-    traced for torch.compile through the operator `torch.ops.molkern.depthwise_terms_aggregate` (with the fused
-    sums off for the trace, `molkern.nn.tracing`, the torch form).
+    per-edge kernel matrices where the C++ extension is available (eager calls; traced graphs get the torch form).
 
     Shapes:
         x: (N, H, d_in, P), term_weights: (H, T, E) (edges last), vectors: (E, V), envelope: (E, 1),
         channel_weights: (E, H, P) or None, src, dst: (E,) -> (num_nodes, H, d_out, P)
     """
-    if extension() is None or (is_tracing_for_compile() and not fused_sums_in_trace()):
+    if extension() is None or is_tracing_for_compile():
         return depthwise_aggregate(x, term_kernels(term_weights, vectors, envelope, plan), channel_weights, src, dst,
                                    num_nodes)
-    if vectors.stride(1) != 1 or is_tracing_for_compile():
+    if vectors.stride(1) != 1:
         vectors = vectors.contiguous()
     weights = x.new_zeros(0) if channel_weights is None else channel_weights.contiguous()
-    args = (x.contiguous(), term_weights.contiguous(), vectors, envelope.contiguous(), weights, src.long().contiguous(),
-            dst.long().contiguous(), num_nodes)
-    if is_tracing_for_compile():
-        return _terms_aggregate(*args, *plan[:5], plan.d_out)
-    return _TermsAggregate.apply(*args, plan)
+    return _TermsAggregate.apply(x.contiguous(), term_weights.contiguous(), vectors, envelope.contiguous(), weights,
+                                 src.long().contiguous(), dst.long().contiguous(), num_nodes, plan)
