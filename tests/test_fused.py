@@ -71,7 +71,7 @@ def test_extension_rejects_bad_shapes():
         fused.extension().forward(x, kernels, weights, src[:5], dst, 4)
     with pytest.raises(RuntimeError, match="c must be"):
         fused.extension().forward(x, kernels, weights[:, :, :2].contiguous(), src, dst, 4)
-    with pytest.raises(RuntimeError, match="int64"):
+    with pytest.raises(RuntimeError, match="contiguous int64"):
         fused.extension().forward(x, kernels, weights, src.int(), dst, 4)
 
 
