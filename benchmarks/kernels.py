@@ -88,7 +88,7 @@ def conv_case(make_kernel, emb: EdgeEmbedding, pos, edge_index, irreps: o3.Irrep
     conv = SteerableConv(kernel, avg_num_neighbors=edge_index.shape[1] / pos.shape[0])
     edge_vec = pos[edge_index[0]] - pos[edge_index[1]]
     with torch.no_grad():
-        edges = Edges(*[None if t is None else t.detach() for t in emb(edge_vec)[:-1]])  # kernel_in_parts: None
+        edges = Edges(*[None if t is None else t.detach() for t in emb(edge_vec)._replace(kernel_in_parts=None)])
     x = irreps.randn(pos.shape[0], -1, dtype=pos.dtype).requires_grad_(True)
 
     def forward():

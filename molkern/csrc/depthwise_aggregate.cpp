@@ -27,13 +27,17 @@ struct Dims {
   int64_t N, E, H, DI, DO, P;
 };
 
+void check_indices(const at::Tensor& src, const at::Tensor& dst) {
+  TORCH_CHECK(src.scalar_type() == at::kLong && dst.scalar_type() == at::kLong && src.is_contiguous() &&
+                  dst.is_contiguous(), "src and dst must be contiguous int64");
+}
+
 Dims check(const at::Tensor& x, const at::Tensor& K, const at::Tensor& c, const at::Tensor& src, const at::Tensor& dst,
            int64_t num_nodes) {
   TORCH_CHECK(x.dim() == 4 && K.dim() == 4, "x must be (N, H, DI, P) and K (E, H, DO, DI)");
   TORCH_CHECK(x.is_contiguous() && K.is_contiguous() && c.is_contiguous(), "x, K and c must be contiguous");
   TORCH_CHECK(x.scalar_type() == K.scalar_type(), "x and K must have one dtype");
-  TORCH_CHECK(src.scalar_type() == at::kLong && dst.scalar_type() == at::kLong && src.is_contiguous() &&
-                  dst.is_contiguous(), "src and dst must be contiguous int64");
+  check_indices(src, dst);
   Dims d{num_nodes, K.size(0), K.size(1), K.size(3), K.size(2), x.size(3)};
   TORCH_CHECK(x.size(0) == num_nodes && x.size(1) == d.H && x.size(2) == d.DI, "x and K do not match");
   TORCH_CHECK(src.numel() == d.E && dst.numel() == d.E, "src and dst need one entry per edge");
@@ -451,8 +455,7 @@ struct TermArgs {
 Dims check_terms(const at::Tensor& x, const TermArgs& a, const at::Tensor& c, const at::Tensor& src,
                  const at::Tensor& dst, int64_t num_nodes, int64_t d_out) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && c.is_contiguous(), "x must be (N, H, DI, P); x, c contiguous");
-  TORCH_CHECK(src.scalar_type() == at::kLong && dst.scalar_type() == at::kLong && src.is_contiguous() &&
-                  dst.is_contiguous(), "src and dst must be contiguous int64");
+  check_indices(src, dst);
   Dims d{num_nodes, src.numel(), x.size(1), x.size(2), d_out, x.size(3)};
   TORCH_CHECK(x.size(0) == num_nodes && dst.numel() == d.E, "x must have num_nodes rows, src and dst one per edge");
   TORCH_CHECK(a.w.dim() == 3 && a.w.is_contiguous() && a.w.size(2) == d.E && a.w.size(0) == d.H,

@@ -290,6 +290,7 @@ def kernel_matrix(kernel: nn.Module, edges: Edges) -> torch.Tensor:
     d_in = kernel.irreps_in.dim
     eye = torch.eye(d_in, dtype=edges.vec.dtype, device=edges.vec.device)
     basis = eye.repeat_interleave(num_edges, dim=0)  # (d_in * E, d_in)
-    repeated = Edges(*[None if t is None else t.repeat((d_in,) + (1,) * (t.dim() - 1)) for t in edges[:-1]])
+    edges = edges._replace(kernel_in_parts=None)  # the head then splits the repeated kernel_in itself
+    repeated = Edges(*[None if t is None else t.repeat((d_in,) + (1,) * (t.dim() - 1)) for t in edges])
     columns = kernel(basis, repeated).view(d_in, num_edges, -1)  # (d_in, E, d_out)
     return columns.permute(1, 2, 0)  # (E, d_out, d_in)
