@@ -534,55 +534,88 @@ std::vector<at::Tensor> terms_backward(const at::Tensor& grad_out, const at::Ten
   return {gx, gw, gv, gu, gc};
 }
 
+// acc[a] = s sum_u m[u W + a] y[u d + i] (a < W): one column of s m^T y, m (U, W), y (U, d) with row stride d. FW:
+// W fixed at compile time (the sums stay in registers, even and odd u apart), 0: W at run time.
+template <typename T, int FW>
+inline void matrix_column(const T* __restrict__ m, const T* __restrict__ y, int64_t U, int64_t W_run, int64_t d,
+                          int64_t i, T s, T* __restrict__ acc) {
+  const int64_t W = FW ? FW : W_run;
+  T odd[FW ? FW : 1];  // a second set of sums over odd u: twice the independent multiply-add chains
+  T* __restrict__ acc1 = FW ? odd : acc;
+  for (int64_t a = 0; a < W; ++a) acc[a] = acc1[a] = T(0);
+  int64_t u = 0;
+  if (FW)
+    for (; u + 1 < U; u += 2) {
+      const T y0 = y[u * d + i], y1 = y[(u + 1) * d + i];
+      const T* __restrict__ m0 = m + u * W;
+      const T* __restrict__ m1 = m0 + W;
+#pragma omp simd
+      for (int64_t a = 0; a < W; ++a) {
+        acc[a] += m0[a] * y0;
+        acc1[a] += m1[a] * y1;
+      }
+    }
+  for (; u < U; ++u) {
+    const T yv = y[u * d + i];
+    const T* __restrict__ mu = m + u * W;
+#pragma omp simd
+    for (int64_t a = 0; a < W; ++a) acc[a] += mu[a] * yv;
+  }
+  if (FW)
+    for (int64_t a = 0; a < W; ++a) acc[a] = s * (acc[a] + acc1[a]);
+  else
+    for (int64_t a = 0; a < W; ++a) acc[a] *= s;
+}
+
+// out[a d + i] += s (m^T y)[a, i] for every a < W, i < d.
+template <typename T>
+void add_transposed_product(const T* m, const T* y, int64_t U, int64_t W, int64_t d, T s, T* out, std::vector<T>& acc) {
+  acc.resize(W);
+  for (int64_t i = 0; i < d; ++i) {
+    if (W == 32) matrix_column<T, 32>(m, y, U, W, d, i, s, acc.data());
+    else matrix_column<T, 0>(m, y, U, W, d, i, s, acc.data());
+    for (int64_t a = 0; a < W; ++a) out[a * d + i] += acc[a];
+  }
+}
+
 // Self-connection with scalar node attributes (molkern.nn.self_connection, constant parameters): per node n and
-// (input block -> output block) pair, the (W, U) weight matrix sum_v z[n, v] S[v, pair] applied to the U channels
-// of each of the block's d components. plan (P, 6) int64 rows: x column start, U, out column start, W, d, first
-// column of the pair's (W, U) matrix in S. transpose: the adjoint (input gradient), out and x swap roles.
+// (input block -> output block) pair, the weight matrix sum_v z[n, v] S[v, pair] applied to the U channels of each
+// of the block's d components. S (V, 2 C): columns [0, C) hold each pair's (U, W) matrix, [C, 2 C) the same as
+// (W, U). plan (P, 6) int64 rows: x column start, U, out column start, W, d, first column of the pair's matrix.
+// transpose: the adjoint (input gradient), out and x swap roles. A node with one nonzero attribute (one-hot atom
+// types) reads that attribute's matrices in place.
 template <typename T>
 void attribute_linear_kernel(const T* x, const T* z, const T* S, const int64_t* plan, T* out, int64_t N, int64_t V,
-                             int64_t C, int64_t P, int64_t d_x, int64_t d_out, bool transpose) {
+                             int64_t C2, int64_t P, int64_t d_x, int64_t d_out, bool transpose) {
+  const int64_t layout = transpose ? C2 / 2 : 0;  // the (W, U) copies for the adjoint
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    std::vector<T> wt, buf;  // the node's matrix transposed (U, W); a (d, W) buffer of outputs or gradients
+    std::vector<T> sum, acc;  // the node's matrix when it mixes attributes; one output column
     for (int64_t n = begin; n < end; ++n) {
       const T* zn = z + n * V;
+      int64_t nonzero = 0, only = 0;
+      for (int64_t v = 0; v < V; ++v)
+        if (zn[v] != T(0)) ++nonzero, only = v;
+      if (nonzero == 0) continue;
+      const T scale = nonzero == 1 ? zn[only] : T(1);
       for (int64_t p = 0; p < P; ++p) {
         const int64_t* r = plan + 6 * p;
-        const int64_t xs = r[0], U = r[1], os = r[2], W = r[3], d = r[4], col = r[5];
-        wt.assign(U * W, T(0));
-        for (int64_t v = 0; v < V; ++v) {
-          const T zv = zn[v];
-          if (zv == T(0)) continue;  // one-hot attributes: one row
-          const T* Sv = S + v * C + col;  // (W, U)
-          for (int64_t a = 0; a < W; ++a)
-            for (int64_t u = 0; u < U; ++u) wt[u * W + a] += zv * Sv[a * U + u];
-        }
-        buf.assign(d * W, T(0));
-        T* __restrict__ bt = buf.data();
-        const T* __restrict__ w = wt.data();
-        if (!transpose) {  // out[os + a d + i] += sum_u w[a, u] x[xs + u d + i]
-          const T* xn = x + n * d_x + xs;
-          for (int64_t u = 0; u < U; ++u)
-            for (int64_t i = 0; i < d; ++i) {
-              const T xv = xn[u * d + i];
+        const int64_t xs = r[0], U = r[1], os = r[2], W = r[3], d = r[4], col = r[5] + layout;
+        const T* w = S + only * C2 + col;  // (U, W), or (W, U) for the adjoint
+        if (nonzero > 1) {
+          sum.assign(U * W, T(0));
+          for (int64_t v = 0; v < V; ++v) {
+            const T zv = zn[v];
+            const T* Sv = S + v * C2 + col;
+            if (zv != T(0))
 #pragma omp simd
-              for (int64_t a = 0; a < W; ++a) bt[i * W + a] += w[u * W + a] * xv;
-            }
-          T* on = out + n * d_out + os;
-          for (int64_t a = 0; a < W; ++a)
-            for (int64_t i = 0; i < d; ++i) on[a * d + i] += bt[i * W + a];
-        } else {  // out[xs + u d + i] += sum_a w[a, u] g[os + a d + i]  (x: the gradient, out: the input's)
-          const T* gn = x + n * d_x + os;
-          for (int64_t a = 0; a < W; ++a)
-            for (int64_t i = 0; i < d; ++i) bt[i * W + a] = gn[a * d + i];
-          T* on = out + n * d_out + xs;
-          for (int64_t u = 0; u < U; ++u)
-            for (int64_t i = 0; i < d; ++i) {
-              T acc = 0;
-#pragma omp simd reduction(+ : acc)
-              for (int64_t a = 0; a < W; ++a) acc += w[u * W + a] * bt[i * W + a];
-              on[u * d + i] += acc;
-            }
+              for (int64_t k = 0; k < U * W; ++k) sum[k] += zv * Sv[k];
+          }
+          w = sum.data();
         }
+        if (!transpose)  // out[os + a d + i] += sum_u w[u, a] x[xs + u d + i]
+          add_transposed_product(w, x + n * d_x + xs, U, W, d, scale, out + n * d_out + os, acc);
+        else  // out[xs + u d + i] += sum_a w[a, u] g[os + a d + i]  (x: the gradient, out: the input's)
+          add_transposed_product(w, x + n * d_x + os, W, U, d, scale, out + n * d_out + xs, acc);
       }
     }
   });

@@ -87,14 +87,14 @@ class ScalarAttributeTensorProduct(o3.FullyConnectedTensorProduct):
 
     def _forward_per_node_weights(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Constant parameters: each node's (W, U) matrix of every (input block -> output block) pair is
-        sum_v z_v W_v, one matmul of z with the cached stacked weights; then one bmm per pair (or all of it in
-        one C++ pass, `_AttributeLinear`)."""
+        sum_v z_v W_v, one matmul of z with the cached stacked weights' (W, U) half; then one bmm per pair (or all
+        of it in one C++ pass, `_AttributeLinear`)."""
         n = z.shape[0]
         stacked = cached(self, "weights_by_attribute", (self.weight,), self._weights_by_attribute)
         if extension() is not None and not z.requires_grad and not is_tracing_for_compile():
             return _AttributeLinear.apply(x.contiguous(), z.contiguous(), stacked, self._plan_tensor,
                                           self.irreps_out.dim, self.irreps_in1.dim)
-        per_node = z @ stacked
+        per_node = z @ stacked[:, self._pair_columns:]  # (N, columns)
         x_blocks = torch.split(x, self._in1_dims, dim=-1)
         out = []
         for mul, d, pairs in self._plan:  # plain ints: this loop runs at every call
@@ -107,18 +107,20 @@ class ScalarAttributeTensorProduct(o3.FullyConnectedTensorProduct):
         return torch.cat(out, dim=-1)
 
     def _weights_by_attribute(self) -> torch.Tensor:
-        """(irreps_in2.dim, columns) matrix: row v holds, for every (input, output block) pair, the (U, W) weights
-        of attribute component v (times the path coefficient) as a (W, U) matrix, at the pair's columns in `_pairs`."""
-        stacked = self.weight.new_zeros(self.irreps_in2.dim, self._pair_columns)
+        """(irreps_in2.dim, 2 columns) matrix: row v holds, for every (input, output block) pair, the (U, W) weights
+        of attribute component v (times the path coefficient) at the pair's columns in `_pairs`, then the same
+        matrices transposed to (W, U) (for the C++ adjoint pass) at those columns + `columns`."""
+        stacked = self.weight.new_zeros(self.irreps_in2.dim, 2, self._pair_columns)
         z_start = [sl.start for sl in self.irreps_in2.slices()]
         for (mul, _), paths, pairs in zip(self.irreps_out, self._paths, self._pairs):
             column = dict(pairs)
             for i1, i2, start, stop, c in paths:
                 u, v = self.irreps_in1[i1].mul, self.irreps_in2[i2].mul
                 w = self.weight[start:stop].view(u, v, mul) * c
-                rows = slice(z_start[i2], z_start[i2] + v)
-                stacked[rows, column[i1] : column[i1] + u * mul] += w.permute(1, 2, 0).reshape(v, u * mul)
-        return stacked
+                rows, columns = slice(z_start[i2], z_start[i2] + v), slice(column[i1], column[i1] + u * mul)
+                stacked[rows, 0, columns] += w.permute(1, 0, 2).reshape(v, u * mul)
+                stacked[rows, 1, columns] += w.permute(1, 2, 0).reshape(v, u * mul)
+        return stacked.view(self.irreps_in2.dim, -1)
 
 
 class _AttributeLinear(torch.autograd.Function):
