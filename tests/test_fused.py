@@ -116,9 +116,8 @@ def random_term_inputs(num_edges, heads, d_in, d_out, channel_weights, seed=0):
     envelope[:1] = 0.0
     cg = torch.randn(num_terms, d_out * d_in, generator=g, dtype=torch.float64)
     cg = cg * (torch.rand(cg.shape, generator=g) < 0.5)
-    cg_term, cg_pos = torch.nonzero(cg, as_tuple=True)
     rows = torch.randint(-1, num_vectors, (num_terms,), generator=g)
-    plan = fused.TermPlan(rows, cg_term, cg_pos, cg[cg_term, cg_pos], cg, d_out)
+    plan = fused.term_plan(rows, cg, d_out, num_vectors)
     return x, term_weights, vectors, envelope, weights, src, dst, plan
 
 
@@ -162,7 +161,7 @@ def test_fused_terms_float32_two_threads_and_no_edges():
     torch.set_num_threads(2)
     try:
         x, w, v, u, weights, src, dst, plan = random_term_inputs(5003, 2, 9, 9, True)
-        plan = fused.TermPlan(*plan[:3], plan.cg_value.float(), plan.cg.float(), plan.d_out)
+        plan = fused.term_plan(plan.rows, plan.cg.float(), plan.d_out, v.shape[1])
         inputs = [t.float().requires_grad_() for t in (x, w, v, u, weights)]
         results = []
         for form in ("fused", "torch"):
@@ -178,3 +177,20 @@ def test_fused_terms_float32_two_threads_and_no_edges():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
     x, w, v, u, weights, src, dst, plan = random_term_inputs(0, 1, 4, 4, True)
     assert torch.equal(fused.depthwise_terms_aggregate(x, w, v, u, weights, src, dst, 6, plan), torch.zeros(6, 1, 4, 3))
+
+
+@pytest.mark.parametrize("channel_weights", [True, False])
+def test_fused_terms_operators_pass_torch_opcheck(channel_weights):
+    """The operators that graphs traced for torch.compile call for the matrices built inside the pass."""
+    x, w, v, u, weights, src, dst, plan = random_term_inputs(25, 2, 4, 4, channel_weights)
+    weights = x.new_zeros(0) if weights is None else weights
+    v = v.contiguous()
+    for t in (x, w, v, u):
+        t.requires_grad_()
+    weights.requires_grad_(channel_weights)
+    args = (x, w, v, u, weights, src, dst, 6, *plan)
+    torch.library.opcheck(torch.ops.molkern.depthwise_terms_aggregate, args)
+    grad = torch.randn(6, 2, 4, 3, dtype=torch.float64)
+    detached = [t.detach() for t in (x, w, v, u, weights)]
+    torch.library.opcheck(torch.ops.molkern.depthwise_terms_aggregate_backward,
+                          (grad, *detached, src, dst, *plan[:4], plan.d_out, True, True, True, True, channel_weights))

@@ -132,14 +132,15 @@ class InvariantDepthwiseHead(nn.Module):
         """
         num_edges = kernel_in.shape[0]
         scalars, vectors, folded = self._inputs(kernel_in, kernel_in_parts)
-        term_weight, term_bias, channel_weight, channel_bias, _, _, cg, cg_values = folded
+        term_weight, term_bias, channel_weight, channel_bias, selection, constant, cg, cg_values = folded
         # edges last: the fused pass reads the weights of consecutive edges as vectors
         term_weights = torch.addmm(term_bias[:, None], term_weight.t(), scalars.t())  # (H T, E)
         channel_weights = None
         if self.num_channel_weights:
             channel_weights = torch.addmm(channel_bias, scalars, channel_weight)
             channel_weights = channel_weights.view(num_edges, self.heads, self.num_channel_weights // self.heads)
-        plan = TermPlan(self._term_rows, self._cg_term, self._cg_pos, cg_values, cg, self._matrix[0])
+        plan = TermPlan(self._term_rows, self._cg_term, self._cg_pos, cg_values, cg, self._matrix[0], selection,
+                        constant)
         return depthwise_terms_aggregate(node_feats, term_weights.view(self.heads, self.num_terms, num_edges),
                                          vectors, envelope, channel_weights, edge_index[0], edge_index[1], num_nodes,
                                          plan)

@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from .scatter import scatter_sum
-from .tracing import is_tracing_for_compile
+from .tracing import fused_sums_in_trace, is_tracing_for_compile
 
 _SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "depthwise_aggregate.cpp"
 _extension = None
@@ -207,6 +207,8 @@ class TermPlan(NamedTuple):
             Clebsch-Gordan entry; cg_value: (NZ,) its value.
         cg: (T, d_out * d_in) the same entries, dense (for the differentiable form).
         d_out: rows of the kernel matrices.
+        selection, constant: (V, T) and (T,): a = v @ selection + constant (one-hot columns from rows; the
+            differentiable form gathers and sums along the term axis by matmuls).
     """
 
     rows: torch.Tensor
@@ -215,24 +217,103 @@ class TermPlan(NamedTuple):
     cg_value: torch.Tensor
     cg: torch.Tensor
     d_out: int
+    selection: torch.Tensor
+    constant: torch.Tensor
 
 
-def _term_columns(vectors, plan: TermPlan):
-    """a[e, t]: (E, T); the rows of -1 read a column of ones appended to vectors."""
-    padded = torch.nn.functional.pad(vectors, (0, 1), value=1.0)
-    return torch.index_select(padded, 1, plan.rows % padded.shape[1])
+def term_plan(rows: torch.Tensor, cg: torch.Tensor, d_out: int, num_vectors: int) -> TermPlan:
+    """The TermPlan of terms reading columns `rows` (T,) (-1: none) of (E, num_vectors) vectors, with dense
+    Clebsch-Gordan rows cg (T, d_out * d_in) (dtype: the plan's)."""
+    cg_term, cg_pos = torch.nonzero(cg, as_tuple=True)
+    columns = torch.nn.functional.one_hot(rows % (num_vectors + 1), num_vectors + 1).t().to(cg.dtype)  # (V + 1, T)
+    return TermPlan(rows, cg_term, cg_pos, cg[cg_term, cg_pos], cg, d_out, columns[:-1], columns[-1])
 
 
 def term_kernels(term_weights, vectors, envelope, plan: TermPlan):
     """The kernel matrices in torch operations: term_weights (H, T, E), vectors (E, V), envelope (E, 1) ->
     (E, H, d_out, d_in)."""
     heads, num_terms, num_edges = term_weights.shape
-    terms = term_weights.permute(2, 0, 1) * (_term_columns(vectors, plan) * envelope).unsqueeze(1)  # (E, H, T)
+    columns = torch.addmm(plan.constant, vectors, plan.selection)  # (E, T)
+    terms = term_weights.permute(2, 0, 1) * (columns * envelope).unsqueeze(1)  # (E, H, T)
     return (terms.reshape(-1, num_terms) @ plan.cg).view(num_edges, heads, plan.d_out, plan.cg.shape[1] // plan.d_out)
 
 
+@torch.library.custom_op("molkern::depthwise_terms_aggregate", mutates_args=())
+def _terms_aggregate(x: torch.Tensor, w: torch.Tensor, v: torch.Tensor, u: torch.Tensor, c: torch.Tensor,
+                     src: torch.Tensor, dst: torch.Tensor, num_nodes: int, rows: torch.Tensor, cg_term: torch.Tensor,
+                     cg_pos: torch.Tensor, cg_value: torch.Tensor, cg: torch.Tensor, d_out: int, selection: torch.Tensor,
+                     constant: torch.Tensor) -> torch.Tensor:
+    """The C++ pass with the matrices built inside (`_TermsAggregate`'s forward) as a torch operator, for graphs
+    traced for torch.compile; cg, selection and constant (for second derivatives) are not read here."""
+    return extension().terms_forward(x, w, v, u, c, src, dst, num_nodes, rows, cg_term, cg_pos, cg_value, d_out)
+
+
+@_terms_aggregate.register_fake
+def _(x, w, v, u, c, src, dst, num_nodes, rows, cg_term, cg_pos, cg_value, cg, d_out, selection, constant):
+    return x.new_empty(num_nodes, x.shape[1], d_out, x.shape[3])
+
+
+@torch.library.custom_op("molkern::depthwise_terms_aggregate_backward", mutates_args=())
+def _terms_aggregate_backward(grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, v: torch.Tensor,
+                              u: torch.Tensor, c: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+                              rows: torch.Tensor, cg_term: torch.Tensor, cg_pos: torch.Tensor, cg_value: torch.Tensor,
+                              d_out: int, need_x: bool, need_w: bool, need_v: bool, need_u: bool, need_c: bool
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Its C++ backward: gradients for x, w, v, u and c (empty where not needed)."""
+    grads = extension().terms_backward(grad_out, x, w, v, u, c, src, dst, rows, cg_term, cg_pos, cg_value, d_out,
+                                       need_x, need_w, need_v, need_u, need_c)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+@_terms_aggregate_backward.register_fake
+def _(grad_out, x, w, v, u, c, src, dst, rows, cg_term, cg_pos, cg_value, d_out, need_x, need_w, need_v, need_u,
+      need_c):
+    need_c = need_c and c.numel() > 0
+    return tuple(t.new_empty(t.shape) if need else t.new_empty(0)
+                 for t, need in ((x, need_x), (w, need_w), (v, need_v), (u, need_u), (c, need_c)))
+
+
+def _terms_backward(ctx, grad_out, eager: bool):
+    """Gradients for x, w, v, u, c of the operator (eager=False) or of `_TermsAggregate` (eager=True)."""
+    x, w, v, u, c, src, dst = ctx.saved_tensors
+    plan = ctx.plan
+    need_x, need_w, need_v, need_u, need_c = ctx.needs_input_grad[:5]
+    need_c = need_c and c.numel() > 0
+    grad_out = grad_out.contiguous()
+    if not torch.is_grad_enabled():  # a first derivative only: the fused C++ pass
+        args = (grad_out, x, w, v, u, c, src, dst, *plan[:4], plan.d_out, need_x, need_w, need_v, need_u, need_c)
+        grads = extension().terms_backward(*args) if eager else _terms_aggregate_backward(*args)
+        return [g if need else None for g, need in zip(grads, (need_x, need_w, need_v, need_u, need_c))]
+    # create_graph: the matrices and every gradient in differentiable operations
+    kernels = term_kernels(w, v, u, plan)
+    gx, gk, gc = _differentiable_gradients(grad_out, x, kernels, c, src, dst, need_x, need_w or need_v or need_u,
+                                           need_c, eager)
+    gw = gv = gu = None
+    if gk is not None:
+        heads, num_terms, num_edges = w.shape
+        g_terms = (gk.reshape(-1, gk.shape[2] * gk.shape[3]) @ plan.cg.T).view(num_edges, heads, num_terms)
+        columns = torch.addmm(plan.constant, v, plan.selection)  # (E, T)
+        gw = (g_terms * (columns * u).unsqueeze(1)).permute(1, 2, 0) if need_w else None
+        per_factor = (g_terms * w.permute(2, 0, 1)).sum(1)  # (E, T): the gradient for a[e, t] u[e]
+        if need_v:  # (a matmul, not an index_add along dim 1: Inductor compiled that one with a wrong row stride)
+            gv = (per_factor * u) @ plan.selection.t()
+        if need_u:
+            gu = (per_factor * columns).sum(1, keepdim=True)
+    return [gx, gw, gv, gu, gc]
+
+
+def _terms_setup_context(ctx, inputs, output):
+    x, w, v, u, c, src, dst, _, *plan = inputs
+    ctx.save_for_backward(x, w, v, u, c, src, dst)
+    ctx.plan = TermPlan(*plan)
+
+
+_terms_aggregate.register_autograd(lambda ctx, grad_out: (*_terms_backward(ctx, grad_out, eager=False),) + (None,) * 11,
+                                   setup_context=_terms_setup_context)
+
+
 class _TermsAggregate(torch.autograd.Function):
-    """`depthwise_aggregate` of `term_kernels`, the matrices built per edge inside the C++ pass (eager only)."""
+    """The operator's pass and derivatives for eager calls (an autograd.Function costs less per call)."""
 
     @staticmethod
     def forward(ctx, x, term_weights, vectors, envelope, channel_weights, src, dst, num_nodes, plan):
@@ -243,49 +324,28 @@ class _TermsAggregate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w, v, u, c, src, dst = ctx.saved_tensors
-        plan = ctx.plan
-        need_x, need_w, need_v, need_u, need_c = ctx.needs_input_grad[:5]
-        need_c = need_c and c.numel() > 0
-        grad_out = grad_out.contiguous()
-        if not torch.is_grad_enabled():  # a first derivative only: the fused C++ pass
-            grads = extension().terms_backward(grad_out, x, w, v, u, c, src, dst, *plan[:4], plan.d_out, need_x,
-                                               need_w, need_v, need_u, need_c)
-            grads = [g if need else None for g, need in zip(grads, (need_x, need_w, need_v, need_u, need_c))]
-            return (*grads, None, None, None, None)
-        # create_graph: the matrices and every gradient in differentiable operations
-        kernels = term_kernels(w, v, u, plan)
-        gx, gk, gc = _differentiable_gradients(grad_out, x, kernels, c, src, dst, need_x, need_w or need_v or need_u,
-                                               need_c, eager=True)
-        gw = gv = gu = None
-        if gk is not None:
-            heads, num_terms, num_edges = w.shape
-            g_terms = (gk.reshape(-1, gk.shape[2] * gk.shape[3]) @ plan.cg.T).view(num_edges, heads, num_terms)
-            columns = _term_columns(v, plan)  # (E, T)
-            gw = (g_terms * (columns * u).unsqueeze(1)).permute(1, 2, 0) if need_w else None
-            per_factor = (g_terms * w.permute(2, 0, 1)).sum(1)  # (E, T): the gradient for a[e, t] u[e]
-            if need_v:
-                padded = v.new_zeros(num_edges, v.shape[1] + 1)
-                gv = padded.index_add(1, plan.rows % padded.shape[1], per_factor * u)[:, :-1]
-            if need_u:
-                gu = (per_factor * columns).sum(1, keepdim=True)
-        return gx, gw, gv, gu, gc, None, None, None, None
+        return (*_terms_backward(ctx, grad_out, eager=True), None, None, None, None)
 
 
 def depthwise_terms_aggregate(x, term_weights, vectors, envelope, channel_weights: Optional[torch.Tensor], src, dst,
                               num_nodes: int, plan: TermPlan):
     """`depthwise_aggregate(x, term_kernels(term_weights, vectors, envelope, plan), channel_weights, ...)` without
-    per-edge kernel matrices where the C++ extension is available (eager calls; traced graphs get the torch form).
+    per-edge kernel matrices where the C++ extension is available: eager calls through an autograd.Function, graphs
+    traced for torch.compile through the operator `torch.ops.molkern.depthwise_terms_aggregate` (with the fused
+    sums off for the trace, `molkern.nn.tracing`, the torch form).
 
     Shapes:
         x: (N, H, d_in, P), term_weights: (H, T, E) (edges last), vectors: (E, V), envelope: (E, 1),
         channel_weights: (E, H, P) or None, src, dst: (E,) -> (num_nodes, H, d_out, P)
     """
-    if extension() is None or is_tracing_for_compile():
+    if extension() is None or (is_tracing_for_compile() and not fused_sums_in_trace()):
         return depthwise_aggregate(x, term_kernels(term_weights, vectors, envelope, plan), channel_weights, src, dst,
                                    num_nodes)
-    if vectors.stride(1) != 1:
+    if vectors.stride(1) != 1 or is_tracing_for_compile():
         vectors = vectors.contiguous()
     weights = x.new_zeros(0) if channel_weights is None else channel_weights.contiguous()
-    return _TermsAggregate.apply(x.contiguous(), term_weights.contiguous(), vectors, envelope.contiguous(), weights,
-                                 src.long().contiguous(), dst.long().contiguous(), num_nodes, plan)
+    args = (x.contiguous(), term_weights.contiguous(), vectors, envelope.contiguous(), weights, src.long().contiguous(),
+            dst.long().contiguous(), num_nodes)
+    if is_tracing_for_compile():
+        return _terms_aggregate(*args, *plan)
+    return _TermsAggregate.apply(*args, plan)

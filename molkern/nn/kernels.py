@@ -183,8 +183,7 @@ class ImplicitKernel(nn.Module):
         """
         fused = not is_tracing_for_compile() or (fused_sums_in_trace() and extension() is not None)
         if self.form == "depthwise" and self.fused and fused:
-            if isinstance(self.mlp, InvariantDepthwiseHead) and not is_tracing_for_compile():
-                # eager: the kernel matrices built inside the fused pass, never stored per edge
+            if isinstance(self.mlp, InvariantDepthwiseHead):  # the matrices built inside the fused pass
                 _, d_in, _, per_head = self.tp.dims
                 x = node_feats.view(-1, self.tp.heads, d_in, per_head)
                 sums = self.mlp.aggregate(x, edges.kernel_in, edges.envelope, edge_index, num_nodes,
