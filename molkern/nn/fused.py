@@ -9,16 +9,18 @@ CPU). Where it cannot be built (no C++ compiler), or with MOLKERN_FUSED=0 in the
 plain torch operations, which compute the same sums (tests compare the two: values, first and second
 derivatives).
 
-With the default kernel head (molkern.nn.depthwise_head), eager calls do not even store the kernel matrices:
+With the default kernel head (molkern.nn.depthwise_head), the kernel matrices are not even stored:
 `depthwise_terms_aggregate` builds them inside the pass from the head's terms, for tiles of 16 consecutive edges at
 once (edges in the vector lanes), and takes their gradients straight back to the terms (~10% less time per
 energy+forces call than storing them, at every system size).
 
-The pass and its backward are torch operators (`torch.ops.molkern.depthwise_aggregate`, `..._backward`, with
-shape-only "fake" implementations), so graphs traced for torch.compile (molkern.train.compiled) call them as
-they are; eager calls go through an equivalent autograd.Function, which costs less per call. Second
-derivatives (training on forces) use differentiable operations: the sum back along the edges with the
-transposed matrices (the same operator) for the features, per-edge products for the kernel matrices.
+The passes and their backwards are torch operators (`torch.ops.molkern.depthwise_aggregate`,
+`..._terms_aggregate` and their `_backward`s, with shape-only "fake" implementations), so graphs traced for
+torch.compile (molkern.train.compiled) call them as they are; eager calls go through equivalent
+autograd.Functions, which cost less per call. Second derivatives (training on forces) use differentiable
+operations: the sum back along the edges with the transposed matrices (the same operator) for the features,
+per-edge products for the kernel matrices, matmuls with a one-hot selection matrix for the terms (an index_add
+along dim 1 there was compiled by Inductor with a wrong row stride: out-of-bounds writes, a crash).
 """
 
 import hashlib
