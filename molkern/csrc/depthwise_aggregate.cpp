@@ -535,36 +535,19 @@ std::vector<at::Tensor> terms_backward(const at::Tensor& grad_out, const at::Ten
 }
 
 // acc[a] = s sum_u m[u W + a] y[u d + i] (a < W): one column of s m^T y, m (U, W), y (U, d) with row stride d. FW:
-// W fixed at compile time (the sums stay in registers, even and odd u apart), 0: W at run time.
+// W fixed at compile time (the sums stay in registers), 0: W at run time.
 template <typename T, int FW>
 inline void matrix_column(const T* __restrict__ m, const T* __restrict__ y, int64_t U, int64_t W_run, int64_t d,
                           int64_t i, T s, T* __restrict__ acc) {
   const int64_t W = FW ? FW : W_run;
-  T odd[FW ? FW : 1];  // a second set of sums over odd u: twice the independent multiply-add chains
-  T* __restrict__ acc1 = FW ? odd : acc;
-  for (int64_t a = 0; a < W; ++a) acc[a] = acc1[a] = T(0);
-  int64_t u = 0;
-  if (FW)
-    for (; u + 1 < U; u += 2) {
-      const T y0 = y[u * d + i], y1 = y[(u + 1) * d + i];
-      const T* __restrict__ m0 = m + u * W;
-      const T* __restrict__ m1 = m0 + W;
-#pragma omp simd
-      for (int64_t a = 0; a < W; ++a) {
-        acc[a] += m0[a] * y0;
-        acc1[a] += m1[a] * y1;
-      }
-    }
-  for (; u < U; ++u) {
+  for (int64_t a = 0; a < W; ++a) acc[a] = T(0);
+  for (int64_t u = 0; u < U; ++u) {
     const T yv = y[u * d + i];
     const T* __restrict__ mu = m + u * W;
 #pragma omp simd
     for (int64_t a = 0; a < W; ++a) acc[a] += mu[a] * yv;
   }
-  if (FW)
-    for (int64_t a = 0; a < W; ++a) acc[a] = s * (acc[a] + acc1[a]);
-  else
-    for (int64_t a = 0; a < W; ++a) acc[a] *= s;
+  for (int64_t a = 0; a < W; ++a) acc[a] *= s;
 }
 
 // out[a d + i] += s (m^T y)[a, i] for every a < W, i < d.

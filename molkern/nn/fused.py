@@ -234,9 +234,14 @@ def term_plan(rows: torch.Tensor, cg: torch.Tensor, d_out: int, num_vectors: int
 def term_kernels(term_weights, vectors, envelope, plan: TermPlan):
     """The kernel matrices in torch operations: term_weights (H, T, E), vectors (E, V), envelope (E, 1) ->
     (E, H, d_out, d_in)."""
+    factors = torch.addmm(plan.constant, vectors, plan.selection) * envelope  # (E, T): a[e, t] u[e]
+    return _kernels_from_factors(term_weights, factors, plan)
+
+
+def _kernels_from_factors(term_weights, factors, plan: TermPlan):
+    """`term_kernels` from the factors a[e, t] u[e] (E, T)."""
     heads, num_terms, num_edges = term_weights.shape
-    columns = torch.addmm(plan.constant, vectors, plan.selection)  # (E, T)
-    terms = term_weights.permute(2, 0, 1) * (columns * envelope).unsqueeze(1)  # (E, H, T)
+    terms = term_weights.permute(2, 0, 1) * factors.unsqueeze(1)  # (E, H, T)
     return (terms.reshape(-1, num_terms) @ plan.cg).view(num_edges, heads, plan.d_out, plan.cg.shape[1] // plan.d_out)
 
 
@@ -287,15 +292,16 @@ def _terms_backward(ctx, grad_out, eager: bool):
         grads = extension().terms_backward(*args) if eager else _terms_aggregate_backward(*args)
         return [g if need else None for g, need in zip(grads, (need_x, need_w, need_v, need_u, need_c))]
     # create_graph: the matrices and every gradient in differentiable operations
-    kernels = term_kernels(w, v, u, plan)
+    columns = torch.addmm(plan.constant, v, plan.selection)  # (E, T): a[e, t]
+    factors = columns * u
+    kernels = _kernels_from_factors(w, factors, plan)
     gx, gk, gc = _differentiable_gradients(grad_out, x, kernels, c, src, dst, need_x, need_w or need_v or need_u,
                                            need_c, eager)
     gw = gv = gu = None
     if gk is not None:
         heads, num_terms, num_edges = w.shape
         g_terms = (gk.reshape(-1, gk.shape[2] * gk.shape[3]) @ plan.cg.T).view(num_edges, heads, num_terms)
-        columns = torch.addmm(plan.constant, v, plan.selection)  # (E, T)
-        gw = (g_terms * (columns * u).unsqueeze(1)).permute(1, 2, 0) if need_w else None
+        gw = (g_terms * factors.unsqueeze(1)).permute(1, 2, 0) if need_w else None
         per_factor = (g_terms * w.permute(2, 0, 1)).sum(1)  # (E, T): the gradient for a[e, t] u[e]
         if need_v:  # (a matmul, not an index_add along dim 1: Inductor compiled that one with a wrong row stride)
             gv = (per_factor * u) @ plan.selection.t()
