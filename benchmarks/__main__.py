@@ -17,14 +17,20 @@ def worker(argv):
     args = parser.parse_args(argv)
     from .worker import run
 
+    from molkern.io import atomic_write
+
     settings = json.loads(Path(args.settings).read_text())
     rows = []
+
+    def save(partial=None):  # after every task and every scaling box: a killed worker keeps what it measured
+        atomic_write(args.out, json.dumps(rows + ([partial] if partial else [])))
+
     for task in args.tasks.split(","):
         try:
-            rows.append(run(task, args.model, settings))
+            rows.append(run(task, args.model, settings, progress=save))
         except Exception:  # one task's failure is recorded; the process goes on with the next task
             rows.append({"model": args.model, "task": task, "status": f"failed: {traceback.format_exc()[-2000:]}"})
-    Path(args.out).write_text(json.dumps(rows))
+        save()
 
 
 def main(argv=None):

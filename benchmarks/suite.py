@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from molkern.io import atomic_write
 
@@ -104,7 +105,8 @@ def settings_for(args) -> dict:
 def spawn(tasks: list, name: str, settings: dict) -> list:
     """benchmarks.worker.run(task, name, settings) for each task, in one fresh process; rows in task order.
 
-    A failed process becomes one 'failed: ...' row per task."""
+    When the process fails, the tasks it finished keep their rows, a scaling task cut short keeps the boxes it
+    measured (the box it died in gets the failure as its status), and every other task gets a 'failed: ...' row."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg, out = Path(tmp) / "settings.json", Path(tmp) / "rows.json"
         cfg.write_text(json.dumps(settings))
@@ -119,12 +121,28 @@ def spawn(tasks: list, name: str, settings: dict) -> list:
             error = None if proc.returncode == 0 and out.is_file() else f"failed: {_exit_reason(proc)}"
         except subprocess.TimeoutExpired:
             error = f"failed: timeout after {settings['worker_timeout_s']} s"
-        if error:
-            return [{"model": name, "task": task, "status": error} for task in tasks]
-        rows = json.loads(out.read_text())
+        rows = worker_rows(out, tasks, name, error)
         for row in rows:
             row["process_wall_s"] = time.perf_counter() - start
         return rows
+
+
+def worker_rows(out: Path, tasks: list, name: str, error: Optional[str]) -> list:
+    """The rows a worker saved in ``out``; after its failure (``error``), completed by `spawn`'s rules."""
+    rows = json.loads(out.read_text()) if out.is_file() else []
+    if error:
+        rows = [_cut_short(row, error) if row.get("status") == "partial" else row for row in rows]
+        done = {row["task"] for row in rows}
+        rows += [{"model": name, "task": task, "status": error} for task in tasks if task not in done]
+    return rows
+
+
+def _cut_short(row: dict, error: str) -> dict:
+    """A scaling row saved while its worker ran ("partial"): the box being measured gets ``error`` as its status;
+    the row is "ok" if an earlier box was measured."""
+    points = [{**p, "status": error} if p.get("status") == "running" else p for p in row["points"]]
+    status = "ok" if any(p.get("status") == "ok" for p in points) else error
+    return {**row, "status": status, "points": points, "cut_short": error}
 
 
 def _exit_reason(proc: subprocess.CompletedProcess) -> str:
@@ -151,6 +169,14 @@ def _better(key: str, a, b):
     return a
 
 
+def _better_point(p: dict, q: dict) -> dict:
+    """Two rounds' measurements of one scaling box: the best of each timing when both are measured, else the
+    measured one."""
+    if p.get("ms") is None or q.get("ms") is None:
+        return p if q.get("ms") is None else q
+    return {k: _better(k, p.get(k), q.get(k)) for k in p}
+
+
 def merge_rounds(rows: list) -> dict:
     """One row per (task, model): the best value of every timing over the successful rounds."""
     ok = [r for r in rows if r.get("status") == "ok"]
@@ -160,8 +186,7 @@ def merge_rounds(rows: list) -> dict:
     for r in ok[1:]:
         for key, value in r.items():
             if key == "points":
-                best["points"] = [{k: _better(k, p.get(k), q.get(k)) for k in p}
-                                  for p, q in zip(best["points"], value)]
+                best["points"] = [_better_point(p, q) for p, q in zip(best["points"], value)]
             elif key == "layers":
                 best["layers"] = [{k: _better(k, p.get(k), q.get(k)) for k in p} for p, q in zip(best["layers"], value)]
             else:

@@ -266,7 +266,7 @@ def measure(fn, minimum: int, maximum: int, repeats: int) -> tuple:
     return ms, qt.peak_mb() - base, calls
 
 
-def task_scaling(name: str, settings: dict) -> dict:
+def task_scaling(name: str, settings: dict, report=None) -> dict:
     """Energy+forces time of each water box (settings["box_sizes"]), one model built once for all boxes.
 
     Warm-up (:func:`warm_up`): every box gets ``scaling_warmup`` to ``scaling_warmup_max`` untimed calls, until
@@ -275,7 +275,8 @@ def task_scaling(name: str, settings: dict) -> dict:
     which otherwise land in the smallest box's time. The untimed calls' times and page faults are kept per box
     (``warmup_calls``). molkern with ``settings["compile"]``: the same boxes through
     molkern.train.compiled.CompiledEnergyForces too (one graph for every box, compiled on the first box and not
-    timed), as ``compiled_ms`` / ``compiled_us_per_atom``.
+    timed), as ``compiled_ms`` / ``compiled_us_per_atom``. ``report(points)``, if given, is called before each
+    box is measured with the points so far and that box (status "running").
     Budgets: a box is skipped when the last measured box's time or peak memory, scaled linearly with the atom
     count, exceeds ``scaling_budget_s`` / ``scaling_memory_budget_mb``; with ``scaling_largest`` the largest box
     is measured whatever the time projection (the memory budget still applies: an out-of-memory worker dies).
@@ -303,6 +304,8 @@ def task_scaling(name: str, settings: dict) -> dict:
                                                   f"{' (not applied: --scaling-largest)' if forced else ''}, "
                                                   f"{settings['scaling_memory_budget_mb']:g} MB)"})
                 continue
+        if report is not None:
+            report(points + [{**point, "status": "running"}])
         batch = as_batch([box])
         extra = 0
         if model is None:  # the same weights for every size; normalised by the first box's mean in-degree
@@ -374,12 +377,21 @@ def task_machine(name: str, settings: dict) -> dict:
             "matmul_gflop_per_s": matmul_peak(settings["threads"], n), "threads": settings["threads"]}
 
 
-def run(task: str, name: str, settings: dict) -> dict:
-    """One measurement in this process: sets threads and seeds, returns the row (with load averages)."""
+def run(task: str, name: str, settings: dict, progress=None) -> dict:
+    """One measurement in this process: sets threads and seeds, returns the row (with load averages).
+
+    progress: called with the row so far (status "partial") before each scaling box, e.g. to save it."""
     qt.set_threads(settings["threads"])
     torch.manual_seed(0)
     load = os.getloadavg()
-    row = {"task_qm9": task_qm9, "task_latency": task_latency, "task_scaling": task_scaling,
-           "task_conv": task_conv, "task_machine": task_machine}[f"task_{task}"](name, settings)
+    if task == "scaling":
+        def report(points):
+            if progress is not None:
+                progress({"model": name, "task": task, "status": "partial", "points": points, "loadavg_start": load})
+
+        row = task_scaling(name, settings, report)
+    else:
+        row = {"task_qm9": task_qm9, "task_latency": task_latency, "task_conv": task_conv,
+               "task_machine": task_machine}[f"task_{task}"](name, settings)
     row.setdefault("status", "ok")
     return {"model": name, "task": task, **row, "loadavg_start": load, "loadavg_end": os.getloadavg()}

@@ -395,3 +395,49 @@ def test_merge_rounds_keeps_the_best_time_of_every_point():
               {"status": "ok", "points": [{"atoms": 100, "ms": 15.0, "compiled_ms": 12.0, "us_per_atom": 150.0}]}]
     point = merge_rounds(rounds)["points"][0]
     assert point["ms"] == 15.0 and point["compiled_ms"] == 9.0 and point["us_per_atom"] == 150.0
+
+
+def test_merge_rounds_keeps_a_box_measured_in_one_round_only():
+    from benchmarks.suite import merge_rounds
+
+    failed = {"atoms": 100, "status": "failed: worker killed by SIGKILL (likely out of memory)"}
+    rounds = [{"status": "ok", "points": [{"atoms": 10, "status": "ok", "ms": 1.0}, failed]},
+              {"status": "ok", "points": [{"atoms": 10, "status": "ok", "ms": 2.0},
+                                          {"atoms": 100, "status": "ok", "ms": 30.0}]}]
+    points = merge_rounds(rounds)["points"]
+    assert [p["ms"] for p in points] == [1.0, 30.0] and points[1]["us_per_atom"] == 300.0
+    assert merge_rounds(rounds[::-1])["points"][1]["ms"] == 30.0
+
+
+def test_killed_scaling_worker_keeps_the_boxes_it_measured(bench, tmp_path):
+    """A worker killed in its second box (as the OOM killer would) leaves the first box's result; the suite keeps
+    it and gives the second box the failure."""
+    import subprocess
+    import sys
+
+    settings = bench.suite.settings_for(bench.suite.parse_args(["--quick", "--root", str(tmp_path / "qm9")]))
+    settings["box_sizes"] = [2, 3]
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    out = tmp_path / "rows.json"
+    script = (  # the second measurement kills the process with SIGKILL
+        "import os, signal, sys\n"
+        "import benchmarks.worker as w\n"
+        "from benchmarks.__main__ import worker\n"
+        "real, calls = w.measure, []\n"
+        "def measure(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(*a, **k)\n"
+        "w.measure = measure\n"
+        f"worker(['scaling', 'schnet', '--settings', {str(tmp_path / 'settings.json')!r}, '--out', {str(out)!r}])\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=BENCHMARKS.parent, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    error = f"failed: {bench.suite._exit_reason(proc)}"
+    [row] = bench.suite.worker_rows(out, ["scaling"], "schnet", error)
+    assert row["status"] == "ok" and row["cut_short"] == error
+    first, second = row["points"]
+    assert first["status"] == "ok" and first["us_per_atom"] > 0 and first["atoms"] == 24
+    assert second["status"] == "failed: worker killed by SIGKILL (likely out of memory)" and "ms" not in second
+    lost = bench.suite.worker_rows(tmp_path / "missing.json", ["qm9", "scaling"], "schnet", error)
+    assert [r["status"] for r in lost] == [error, error]
