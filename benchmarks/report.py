@@ -176,8 +176,9 @@ def header(result) -> str:
             f"torch {m['torch']}, e3nn {m['e3nn']}, PyG {m['torch_geometric']}"
             + (f", nequip {m['nequip']}" if "nequip" in m else "")
             + f"; {s['threads']} threads, float32, {'QUICK (smoke test, not for quoting)' if s['quick'] else 'full'}"
-            + f" mode, {s['date']}; fp32 matmul peak {_fmt(peak)} GFLOP/s; load average at end "
-            + ", ".join(f"{x:.1f}" for x in s["loadavg_1_5_15_at_end"]) + ".")
+            + f" mode, {s['date']}; fp32 matmul peak {_fmt(peak)} GFLOP/s; "
+            + (f"load average at end {', '.join(f'{x:.1f}' for x in s['loadavg_1_5_15_at_end'])}."
+               if "loadavg_1_5_15_at_end" in s else "run cut short (the measurements it finished)."))
 
 
 def markdown(result) -> str:

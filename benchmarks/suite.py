@@ -68,7 +68,8 @@ METHOD = {
                "scaling_warmup_max calls per box, until a call page-faults in (almost) no new memory (a new size's "
                "first calls do; an MD run's steady state does not), plus scaling_first_warmup calls on the first box "
                "(one-off costs of a fresh process: lazy caches, TorchScript profiling runs); their times and page "
-               "faults are kept (warmup_calls). molkern in full mode: also compiled (CompiledEnergyForces, one graph "
+               "faults are kept (warmup_calls). molkern eagerly as its calculator runs it (constant_parameters, as in the "
+               "latency task) and, in full mode, also compiled (CompiledEnergyForces, one graph "
                "compiled on the first box, not timed). A size is skipped when the previous size's time or peak "
                "memory, scaled linearly with the atom count, exceeds its budget (settings); with --scaling-largest "
                "the largest box ignores the time budget (not the memory budget).",

@@ -273,7 +273,8 @@ def task_scaling(name: str, settings: dict, report=None) -> dict:
     a call no longer page-faults in new memory; the first measured box gets ``scaling_first_warmup`` more, for
     the one-off costs of a fresh process (lazy caches, TorchScript profiling-executor runs, allocator growth),
     which otherwise land in the smallest box's time. The untimed calls' times and page faults are kept per box
-    (``warmup_calls``). molkern with ``settings["compile"]``: the same boxes through
+    (``warmup_calls``). molkern runs eagerly as its ASE calculator does (`constant_parameters`: weights folded
+    into cached matrices on small graphs) and, with ``settings["compile"]``, the same boxes through
     molkern.train.compiled.CompiledEnergyForces too (one graph for every box, compiled on the first box and not
     timed), as ``compiled_ms`` / ``compiled_us_per_atom``. ``report(points)``, if given, is called before each
     box is measured with the points so far and that box (status "running").
@@ -319,7 +320,8 @@ def task_scaling(name: str, settings: dict, report=None) -> dict:
                 fast(batch)  # trace + compile once (not timed)
         repeats = settings["scaling_repeats"]
         try:
-            ms, peak_mb, cold = measure(lambda: energy_forces(model, batch), low + extra, high + extra, repeats)
+            with constant_parameters(hasattr(model.module, "graph_spec")):  # molkern as its calculator runs it
+                ms, peak_mb, cold = measure(lambda: energy_forces(model, batch), low + extra, high + extra, repeats)
         except (RuntimeError, MemoryError) as exc:
             points.append({**point, "status": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
             continue

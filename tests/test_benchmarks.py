@@ -179,6 +179,14 @@ def test_suite_quick(bench, tmp_path, monkeypatch):
     again = bench.suite.report([str(out)])
     assert again["targets"] == json.loads(json.dumps(result["targets"])) and (out / "benchmarks.md").read_text() == table
 
+    for key in ("wall_time_s", "loadavg_1_5_15_at_end"):  # as saved by a run cut short after the latency task
+        del saved["settings"][key]
+    del saved["rounds"]["scaling"], saved["rounds"]["conv"]
+    (out / "benchmarks.json").write_text(json.dumps(saved))
+    bench.suite.report([str(out)])
+    table = (out / "benchmarks.md").read_text()
+    assert "run cut short" in table and "| molkern-factorised-l1 |" in table
+
 
 def test_targets_compare_kernels_and_peers(bench):
     """The targets rows: ratios of the rates that ran, in the right direction; missing measurements give no verdict."""
