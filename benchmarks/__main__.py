@@ -15,9 +15,9 @@ def worker(argv):
     parser.add_argument("--settings", required=True, help="JSON file of the suite's settings")
     parser.add_argument("--out", required=True, help="JSON file for the row")
     args = parser.parse_args(argv)
-    from .worker import run
-
     from molkern.io import atomic_write
+
+    from .worker import run
 
     settings = json.loads(Path(args.settings).read_text())
     rows = []
