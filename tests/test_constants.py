@@ -154,3 +154,19 @@ def test_the_setting_is_per_thread():
         thread.join()
         assert parameters_constant()
     assert seen == [False] and not parameters_constant()
+
+
+def test_self_connection_beyond_the_torch_forms_row_bound():
+    """The C++ pass has no row bound: above max_constant_rows the same values and input gradients."""
+    torch.manual_seed(0)
+    sc = ScalarAttributeTensorProduct("8x0e+8x1o+8x2e", "5x0e", "16x0e+8x1o+4x1e").double()
+    rows = sc.max_constant_rows + 5
+    x = torch.randn(rows, sc.irreps_in1.dim, dtype=torch.float64, requires_grad=True)
+    z = torch.nn.functional.one_hot(torch.arange(rows) % 5, 5).double()
+    grad = torch.randn(rows, sc.irreps_out.dim, dtype=torch.float64)
+    with constant_parameters():
+        out = sc(x, z)
+        (gx,) = torch.autograd.grad(out, x, grad)
+    expected = sc(x, z)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, torch.autograd.grad(expected, x, grad)[0], rtol=1e-12, atol=1e-12)

@@ -44,8 +44,8 @@ def parameters_constant() -> bool:
 
 
 def cached(module: nn.Module, name: str, sources: Iterable[torch.Tensor], build: Callable[[], torch.Tensor]):
-    """`build()` (a tensor or a tuple of tensors or None; run under no_grad), kept on `module` until one of
-    `sources` changes.
+    """`build()` (a tensor, a tuple or named tuple of them, nested, or None; run under no_grad), kept on `module`
+    until one of `sources` changes.
 
     sources: the tensors the result is derived from (parameters, buffers); a change of any one's storage,
     in-place version, dtype or device rebuilds it.
@@ -55,10 +55,18 @@ def cached(module: nn.Module, name: str, sources: Iterable[torch.Tensor], build:
     hit = store.get(name)
     if hit is None or hit[0] != key:
         with torch.no_grad():
-            built = build()
-            built = built.detach() if isinstance(built, torch.Tensor) else \
-                tuple(None if t is None else t.detach() for t in built)
+            built = _detached(build())
         # the sources are kept with the result, so that their storage cannot be freed and reused by another tensor
         hit = (key, built, [t.detach() for t in sources])
         store[name] = hit
     return hit[1]
+
+
+def _detached(built):
+    """built with every tensor in it detached (tuples and named tuples, nested, keep their type)."""
+    if isinstance(built, torch.Tensor):
+        return built.detach()
+    if isinstance(built, tuple):
+        items = [_detached(t) for t in built]
+        return type(built)(*items) if hasattr(built, "_fields") else tuple(items)
+    return built

@@ -9,7 +9,8 @@ from .edges import Edges
 from .mlp import make_gate
 from .self_connection import ScalarAttributeTensorProduct
 from .eager import eager_e3nn
-from .linear import Linear, apply_dense
+from .block_linear import block_matmul
+from .linear import Linear
 from .constants import cached, parameters_constant
 
 
@@ -23,9 +24,9 @@ class InteractionBlock(nn.Module):
         SC(x) = TP(x, node_attrs)  ("attributes", NequIP's)  or  Linear(x)  ("linear")
         out = Gate(h) + x   if irreps_out == irreps_in and resnet, else Gate(h)
 
-    Within `molkern.nn.constant_parameters`, Linear_2(Conv(Linear_1(x))) runs as matmul, the convolution's
-    sums, matmul: the kernel's column permutations and 1 / avg_num_neighbors are folded into the two linear
-    layers' cached dense matrices.
+    Within `molkern.nn.constant_parameters`, Linear_2(Conv(Linear_1(x))) runs as product, the convolution's
+    sums, product: the kernel's column permutations and 1 / avg_num_neighbors are folded into the two linear
+    layers' cached matrices (`Linear.constant_matrix`: their dense blocks).
 
     Args:
         irreps_in: node feature irreps.
@@ -90,8 +91,7 @@ class InteractionBlock(nn.Module):
     def _foldable(self, rows: int) -> bool:
         kernel = self.conv.kernel
         return (hasattr(kernel, "prepare") and hasattr(kernel, "arrange")
-                and all(isinstance(lin, Linear) and lin._dense_ok and rows <= lin.max_constant_rows
-                        for lin in (self.linear_1, self.linear_2)))
+                and all(isinstance(lin, Linear) and lin.constant_rows_ok(rows) for lin in (self.linear_1, self.linear_2)))
 
     def _folded_linear_conv_linear(self, node_feats, edges, edge_index):
         """linear_2(conv(linear_1(x))) with constant parameters: the kernel's column permutations (`prepare`,
@@ -101,15 +101,15 @@ class InteractionBlock(nn.Module):
         l1, l2 = self.linear_1, self.linear_2
 
         def first():  # prepare permutes columns: prepare(x @ M) = x @ prepare(M)
-            return kernel.prepare(l1.dense_matrix())
+            return l1.constant_matrix(kernel.prepare(l1.dense_matrix()))
 
         def second():  # arrange(s) / avg @ M = s @ (A M / avg), A = arrange(I)
             matrix = l2.dense_matrix()
             dim = self.conv.irreps_out.dim
             arranged = kernel.arrange(torch.eye(dim, dtype=matrix.dtype, device=matrix.device))
-            return torch.cat([arranged @ matrix[:dim] / self.conv.avg_num_neighbors, matrix[dim:]])
+            return l2.constant_matrix(torch.cat([arranged @ matrix[:dim] / self.conv.avg_num_neighbors, matrix[dim:]]))
 
         m1 = cached(self, "linear_1", (l1.weight, l1.bias), first)
         m2 = cached(self, "linear_2", (l2.weight, l2.bias), second)
-        sums = self.conv.sums(apply_dense(node_feats, m1), edges, edge_index, node_feats.shape[0])
-        return apply_dense(sums, m2)
+        sums = self.conv.sums(block_matmul(node_feats, m1), edges, edge_index, node_feats.shape[0])
+        return block_matmul(sums, m2)

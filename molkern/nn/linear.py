@@ -5,7 +5,9 @@ from typing import Dict, Optional, Tuple
 import torch
 from e3nn import o3
 
+from .block_linear import BlockMatrix, block_matmul, block_matrix
 from .constants import cached, parameters_constant
+from .fused import extension
 
 
 def dense_rows_limit(dim_in: int, dim_out: int) -> int:
@@ -34,8 +36,10 @@ class Linear(o3.Linear):
     irreps_in.dim x irreps_out.dim multiply-adds per row instead of sum(mul_in mul_out d), so above
     `max_dense_rows` rows (default: `dense_rows_limit`), or whenever the dense path does not apply (weights
     passed to forward, f_in/f_out, shared_weights=False, repeated paths), it runs e3nn's own forward.
-    Within `molkern.nn.constant_parameters` the dense matrix is cached, so the forward is one matmul, up to
-    `max_constant_rows` rows (2^24 / (irreps_in.dim x irreps_out.dim): ~200 rows at lmax 2 and 32 channels).
+    Within `molkern.nn.constant_parameters` the matrix is cached as its dense blocks (`constant_matrix`), so the
+    forward is one C++ pass with e3nn's multiply-adds, at any row count; without the C++ extension it is one
+    dense matmul, up to `max_constant_rows` rows (2^24 / (irreps_in.dim x irreps_out.dim): ~200 rows at lmax 2
+    and 32 channels).
 
     A subclass of `o3.Linear`: isinstance checks, parameters, buffers and state_dict keys are e3nn's.
 
@@ -120,14 +124,25 @@ class Linear(o3.Linear):
         rows = features.numel() // max(self.irreps_in.dim, 1)
         if not self._dense_ok or weight is not None or bias is not None:
             return super().forward(features, weight, bias)
-        if parameters_constant() and rows <= self.max_constant_rows:
-            matrix = cached(self, "dense_matrix", (self.weight, self.bias), self.dense_matrix)
-        elif rows <= self.max_dense_rows:
-            matrix = self.dense_matrix()
-        else:
-            return super().forward(features, weight, bias)
         batch = features.shape[:-1]
-        return apply_dense(features.reshape(-1, self.irreps_in.dim), matrix).view(*batch, self.irreps_out.dim)
+        features = features.reshape(-1, self.irreps_in.dim)
+        if parameters_constant() and self.constant_rows_ok(rows):
+            matrix = cached(self, "dense_matrix", (self.weight, self.bias), lambda: self.constant_matrix())
+            return block_matmul(features, matrix).view(*batch, self.irreps_out.dim)
+        if rows > self.max_dense_rows:
+            return super().forward(features, weight, bias).view(*batch, self.irreps_out.dim)
+        return apply_dense(features, self.dense_matrix()).view(*batch, self.irreps_out.dim)
+
+    def constant_rows_ok(self, rows: int) -> bool:
+        """Whether the cached `constant_matrix` is the faster forward for this many rows (constant parameters):
+        always with the C++ extension (its blocks cost e3nn's multiply-adds), else up to `max_constant_rows`."""
+        return self._dense_ok and (extension() is not None or rows <= self.max_constant_rows)
+
+    def constant_matrix(self, matrix: Optional[torch.Tensor] = None) -> BlockMatrix:
+        """`dense_matrix()` (or matrix, laid out as it) as a `BlockMatrix` for `block_matmul`."""
+        matrix = self.dense_matrix() if matrix is None else matrix
+        dim_in = matrix.shape[0] - 1 if self._has_bias else matrix.shape[0]
+        return block_matrix(matrix[:dim_in], matrix[dim_in] if self._has_bias else None)
 
 
 def apply_dense(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
