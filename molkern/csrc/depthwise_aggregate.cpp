@@ -28,6 +28,24 @@ struct Dims {
   int64_t N, E, H, DI, DO, P;
 };
 
+// Vectors of T through GCC / Clang vector extensions (the compiler splits them where registers are narrower).
+// Loops summing into arrays with `omp simd` were not always vectorised (GCC 12: scalar FMAs only), and
+// vectorised ones sum each output along one chain, latency-bound; these keep several sums in registers.
+template <typename T, int Bytes>
+struct VecOf {
+  typedef T V __attribute__((vector_size(Bytes), aligned(sizeof(T)), may_alias));
+  static constexpr int64_t L = Bytes / sizeof(T);
+};
+template <typename T>
+using Lanes = VecOf<T, 64>;  // blocks: two of them per row of up to 32 floats
+#ifdef __AVX512F__
+template <typename T>
+using Native = VecOf<T, 64>;  // one register
+#else
+template <typename T>
+using Native = VecOf<T, 32>;
+#endif
+
 void check_indices(const at::Tensor& src, const at::Tensor& dst) {
   TORCH_CHECK(src.scalar_type() == at::kLong && dst.scalar_type() == at::kLong && src.is_contiguous() &&
                   dst.is_contiguous(), "src and dst must be contiguous int64");
@@ -245,10 +263,24 @@ void forward_kernel(const T* x, const Source& source, const T* c, const int64_t*
         const T* __restrict__ Ke = matrices.matrix(e, h);
         const T* __restrict__ ce = c ? c + (e * d.H + h) * P : nullptr;
         T* __restrict__ o = sums + dst[e] * out_width + h * DO * P;
-        for (int64_t r = 0; r < DO; ++r) {
+        int64_t q0 = 0;
+        if constexpr (FDO > 0) {  // o[r, q] += sum_i K[r, i] x[i, q] c[q]: the DO rows' sums in registers
+          using V = typename Native<T>::V;
+          constexpr int64_t L = Native<T>::L;
+          for (; q0 + L <= P; q0 += L) {
+            V s[FDO] = {};
+            for (int i = 0; i < FDI; ++i) {
+              const V xi = *reinterpret_cast<const V*>(xs + i * P + q0);
+              for (int r = 0; r < FDO; ++r) s[r] += Ke[(r * FDI + i) * S] * xi;
+            }
+            const V cv = ce ? *reinterpret_cast<const V*>(ce + q0) : V{} + T(1);
+            for (int r = 0; r < FDO; ++r) *reinterpret_cast<V*>(o + r * P + q0) += s[r] * cv;
+          }
+        }
+        for (int64_t r = 0; r < DO; ++r) {  // runtime sizes, and the channels left
           const T* __restrict__ Kr = Ke + r * DI * S;
 #pragma omp simd
-          for (int64_t q = 0; q < P; ++q) {
+          for (int64_t q = q0; q < P; ++q) {
             T s = 0;
             for (int64_t i = 0; i < DI; ++i) s += Kr[i * S] * xs[i * P + q];
             o[r * P + q] += ce ? s * ce[q] : s;
@@ -344,10 +376,23 @@ void backward_kernel(const T* g, const T* x, const T* xT, const Source& source, 
         if (gK) matrices.grad_done(e, h);
         if (!gx_sums && !gc) continue;
         // u[i, q] = sum_r K[r, i] g[r, q];  gx[src, i, q] += u[i, q] c[q];  gc[q] = sum_i u[i, q] x[i, q]
-        for (int64_t i = 0; i < DI; ++i) {
+        int64_t q0 = 0;
+        if constexpr (FDI > 0) {  // the DI rows' sums in registers
+          using V = typename Native<T>::V;
+          constexpr int64_t L = Native<T>::L;
+          for (; q0 + L <= P; q0 += L) {
+            V s[FDI] = {};
+            for (int r = 0; r < FDO; ++r) {
+              const V gr = *reinterpret_cast<const V*>(gd + r * P + q0);
+              for (int i = 0; i < FDI; ++i) s[i] += Ke[(r * FDI + i) * S] * gr;
+            }
+            for (int i = 0; i < FDI; ++i) *reinterpret_cast<V*>(u + i * P + q0) = s[i];
+          }
+        }
+        for (int64_t i = 0; i < DI; ++i) {  // runtime sizes, and the channels left
           T* __restrict__ ui = u + i * P;
 #pragma omp simd
-          for (int64_t q = 0; q < P; ++q) {
+          for (int64_t q = q0; q < P; ++q) {
             T s = 0;
             for (int64_t r = 0; r < DO; ++r) s += Ke[(r * DI + i) * S] * gd[r * P + q];
             ui[q] = s;
@@ -534,14 +579,6 @@ std::vector<at::Tensor> terms_backward(const at::Tensor& grad_out, const at::Ten
   });
   return {gx, gw, gv, gu, gc};
 }
-
-// 64-byte vectors of T through GCC / Clang vector extensions (AVX-512: one register; AVX2, NEON: split by the
-// compiler). An `omp simd` loop accumulating into an array across the rows was not vectorised at all here (GCC 12).
-template <typename T>
-struct Lanes {
-  typedef T V __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
-  static constexpr int64_t L = 64 / sizeof(T);
-};
 
 // acc[i C + a] = sum_r x_i[rows[r]] B[r, a] for NR rows x_i = x + i D (a < C; B (R, C) row-major): NR rows at
 // once share each load of B; a single row sums even and odd r apart, so that at least four independent sums are
