@@ -91,7 +91,8 @@ class InteractionBlock(nn.Module):
     def _foldable(self, rows: int) -> bool:
         kernel = self.conv.kernel
         return (hasattr(kernel, "prepare") and hasattr(kernel, "arrange")
-                and all(isinstance(lin, Linear) and lin.constant_rows_ok(rows) for lin in (self.linear_1, self.linear_2)))
+                and all(isinstance(lin, Linear) and lin.constant_rows_ok(rows)
+                        for lin in (self.linear_1, self.linear_2)))
 
     def _folded_linear_conv_linear(self, node_feats, edges, edge_index):
         """linear_2(conv(linear_1(x))) with constant parameters: the kernel's column permutations (`prepare`,

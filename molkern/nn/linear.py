@@ -127,7 +127,7 @@ class Linear(o3.Linear):
         batch = features.shape[:-1]
         features = features.reshape(-1, self.irreps_in.dim)
         if parameters_constant() and self.constant_rows_ok(rows):
-            matrix = cached(self, "dense_matrix", (self.weight, self.bias), lambda: self.constant_matrix())
+            matrix = cached(self, "dense_matrix", (self.weight, self.bias), self.constant_matrix)
             return block_matmul(features, matrix).view(*batch, self.irreps_out.dim)
         if rows > self.max_dense_rows:
             return super().forward(features, weight, bias).view(*batch, self.irreps_out.dim)
