@@ -305,9 +305,10 @@ void backward_kernel(const T* g, const T* x, const T* xT, const Source& source, 
   Accumulators<T> acc(gx, gx ? d.N * in_width : 0);
   at::parallel_for(0, d.E, 256, [&](int64_t begin, int64_t end) {
     T* gx_sums = gx ? acc.get() : nullptr;
-    std::vector<T> scratch(2 * DI * P);  // x c and u (below) of one edge and head
+    std::vector<T> scratch((2 * DI + DO) * P);  // x c, u (below) and g c of one edge and head
     T* __restrict__ xc = scratch.data();
     T* __restrict__ u = xc + DI * P;
+    T* __restrict__ gc_rows = u + DI * P;
     Source matrices = source;  // this thread's copy (scratch buffers)
     matrices.range(begin, end);
     const bool gK = matrices.grad();
@@ -323,11 +324,18 @@ void backward_kernel(const T* g, const T* x, const T* xT, const Source& source, 
         if constexpr (FDO > 0) {
           if (gK && xT) {  // gK[r, :] = sum_q (g[r, q] c[q]) xT[q, :]: DO vector accumulators over the padded i
             const T* __restrict__ xt = xT + (src[e] * d.H + h) * P * DIP;
+            const T* __restrict__ gcs = gd;  // g c, formed first by rows (the products below then read memory)
+            if (ce) {
+              for (int r = 0; r < FDO; ++r) {
+#pragma omp simd
+                for (int64_t q = 0; q < P; ++q) gc_rows[r * P + q] = gd[r * P + q] * ce[q];
+              }
+              gcs = gc_rows;
+            }
             T a[FDO][DIP] = {};
             for (int64_t q = 0; q < P; ++q) {
-              const T cq = ce ? ce[q] : T(1);
               for (int r = 0; r < FDO; ++r) {
-                const T grq = gd[r * P + q] * cq;
+                const T grq = gcs[r * P + q];
 #pragma omp simd
                 for (int i = 0; i < DIP; ++i) a[r][i] += grq * xt[q * DIP + i];
               }
