@@ -75,10 +75,17 @@ def test_dense_matrix_or_no_extension_use_the_matmul(monkeypatch):
 
 
 @needs_extension
-def test_wrong_width_is_an_error():
+def test_wrong_width_or_plan_is_an_error():
     m = block_matrix(permuted_blocks(SIZES))
     with pytest.raises(ValueError, match="columns"):
         block_matmul(torch.randn(2, 5, dtype=torch.float64), m)
+    x = torch.randn(2, m.plan.in_dim, dtype=torch.float64)
+    bad_rows = m._replace(plan=m.plan._replace(rows=m.plan.rows + m.plan.in_dim))
+    with pytest.raises(RuntimeError, match="block rows"):
+        block_matmul(x, bad_rows)
+    bad_groups = m._replace(plan=m.plan._replace(groups=m.plan.groups + 1000))
+    with pytest.raises(RuntimeError, match="outside"):
+        block_matmul(x, bad_groups)
 
 
 @needs_extension

@@ -766,6 +766,16 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& bias, const at::T
   TORCH_CHECK(x.scalar_type() == weights.scalar_type() && (bias.numel() == 0 || bias.scalar_type() == x.scalar_type()),
               "one dtype expected");
   TORCH_CHECK(bias.numel() == 0 || bias.numel() == out_dim, "bias must be empty or have out_dim entries");
+  const int64_t* q = groups.data_ptr<int64_t>();
+  for (int64_t g = 0; g < groups.size(0); ++g, q += 5)
+    TORCH_CHECK(q[0] >= 0 && q[1] >= 0 && q[0] + q[1] <= rows.numel() && q[2] >= 0 && q[3] >= 0 &&
+                q[2] + q[3] <= cols.numel() && q[4] >= 0 && q[4] + q[1] * q[3] <= weights.numel(),
+                "block ", g, " lies outside rows, cols or weights");
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* c = cols.data_ptr<int64_t>();
+  TORCH_CHECK(std::all_of(r, r + rows.numel(), [&](int64_t k) { return k >= 0 && k < x.size(1); }) &&
+              std::all_of(c, c + cols.numel(), [&](int64_t k) { return k >= 0 && k < out_dim; }),
+              "block rows must index x's columns and cols the output's");
   auto out = bias.numel() ? at::empty({x.size(0), out_dim}, x.options()) : at::zeros({x.size(0), out_dim}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_linear", [&] {
     block_linear_kernel<scalar_t>(x.data_ptr<scalar_t>(), groups.data_ptr<int64_t>(), rows.data_ptr<int64_t>(),
