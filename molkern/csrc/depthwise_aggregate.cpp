@@ -243,6 +243,20 @@ struct TermTiles {
   }
 };
 
+// s[o] = sum_k M[o, k] y[k P + q0 ...] (one vector of channels) for o < NO, with the (DO x DI) matrix entries
+// K[(r DI + i) stride]: M = K (NO = DO, NK = DI) or, Transposed, M = K^T (NO = DI, NK = DO). The NO sums stay in
+// registers (summed along one chain each, the loops were latency-bound).
+template <typename T, int NO, int NK, bool Transposed>
+inline void small_matrix_rows(const T* __restrict__ K, int64_t stride, const T* __restrict__ y, int64_t P, int64_t q0,
+                              typename Native<T>::V* __restrict__ s) {
+  using V = typename Native<T>::V;
+  for (int o = 0; o < NO; ++o) s[o] = V{};
+  for (int k = 0; k < NK; ++k) {
+    const V yk = *reinterpret_cast<const V*>(y + k * P + q0);
+    for (int o = 0; o < NO; ++o) s[o] += K[(Transposed ? k * NO + o : o * NK + k) * stride] * yk;
+  }
+}
+
 // The kernels take DI and DO as template constants for the common sizes (1, 4, 9: lmax 0, 1, 2 features; 0 =
 // read from Dims) so that the loops over the matrix entries unroll and the sums stay in registers; the innermost
 // loop runs over the P channels of a head (SIMD).
@@ -268,11 +282,8 @@ void forward_kernel(const T* x, const Source& source, const T* c, const int64_t*
           using V = typename Native<T>::V;
           constexpr int64_t L = Native<T>::L;
           for (; q0 + L <= P; q0 += L) {
-            V s[FDO] = {};
-            for (int i = 0; i < FDI; ++i) {
-              const V xi = *reinterpret_cast<const V*>(xs + i * P + q0);
-              for (int r = 0; r < FDO; ++r) s[r] += Ke[(r * FDI + i) * S] * xi;
-            }
+            V s[FDO];
+            small_matrix_rows<T, FDO, FDI, false>(Ke, S, xs, P, q0, s);
             const V cv = ce ? *reinterpret_cast<const V*>(ce + q0) : V{} + T(1);
             for (int r = 0; r < FDO; ++r) *reinterpret_cast<V*>(o + r * P + q0) += s[r] * cv;
           }
@@ -389,11 +400,8 @@ void backward_kernel(const T* g, const T* x, const T* xT, const Source& source, 
           using V = typename Native<T>::V;
           constexpr int64_t L = Native<T>::L;
           for (; q0 + L <= P; q0 += L) {
-            V s[FDI] = {};
-            for (int r = 0; r < FDO; ++r) {
-              const V gr = *reinterpret_cast<const V*>(gd + r * P + q0);
-              for (int i = 0; i < FDI; ++i) s[i] += Ke[(r * FDI + i) * S] * gr;
-            }
+            V s[FDI];
+            small_matrix_rows<T, FDI, FDO, true>(Ke, S, gd, P, q0, s);
             for (int i = 0; i < FDI; ++i) *reinterpret_cast<V*>(u + i * P + q0) = s[i];
           }
         }
