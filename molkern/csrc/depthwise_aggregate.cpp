@@ -832,6 +832,10 @@ at::Tensor block_linear_apply(const at::Tensor& x, const at::Tensor& bias, const
 
 }  // namespace
 
+namespace molkern {
+void register_constant_functions(pybind11::module& m);  // constant_functions.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused depthwise gather, kernel product and scatter-sum");
   m.def("backward", &backward, "its gradients with respect to x, K and c");
@@ -839,4 +843,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("terms_backward", &terms_backward, "its gradients with respect to x, w, v, u and c");
   m.def("attribute_linear", &attribute_linear, "self-connection with per-node attribute-weighted matrices");
   m.def("block_linear", &block_linear_apply, "product with a constant matrix stored as dense blocks (differentiable)");
+  molkern::register_constant_functions(m);
 }

@@ -10,7 +10,8 @@ from .mlp import BatchNorm, EquivariantMLP, filter_irreps, irreps_up_to, reachab
 from .radial import BesselBasis, PolynomialCutoff
 from .constants import cached, parameters_constant
 from .eager import eager_e3nn
-from .harmonics import spherical_harmonics
+from .fused import extension
+from .harmonics import harmonics_module, spherical_harmonics
 
 
 class Edges(NamedTuple):
@@ -199,6 +200,37 @@ class EdgeEmbedding(nn.Module):
         sources = [self.harmonics_scale] + list(norm.parameters()) + list(norm.buffers())
         return cached(self, "harmonics_scale", sources, lambda: norm(self.harmonics_scale[None])[0])
 
+    def _harmonics_module(self):
+        """e3nn's o3.spherical_harmonics of edge_vec / cutoff (molkern.nn.harmonics: the same values, fewer ops)."""
+        return harmonics_module(self.irreps_harmonics, normalize=False, normalization="component",
+                                input_scale=1 / self.cutoff)
+
+    def _constant_basis(self, edge_vec: torch.Tensor) -> Optional[Tuple[torch.Tensor, ...]]:
+        """(length (E,), envelope (E, 1), radial (E, num_radial), scaled harmonics (E, irreps_harmonics.dim)) as
+        one autograd node in C++ (constant parameters: the same values as the modules', fewer operations), or None
+        where it does not apply (no compiled extension, other radial functions)."""
+        ext = extension()
+        if (ext is None or type(self.envelope) is not PolynomialCutoff or type(self.radial) is not BesselBasis
+                or not self.envelope.cutoff == self.radial.cutoff == self.cutoff):
+            return None
+        harmonics = self._harmonics_module()
+        coeff, columns, lower, factor = harmonics.constants(edge_vec)
+        scale = self._harmonics_scale()
+        scaled = cached(self, "basis_coefficients", [coeff, scale], lambda: coeff * scale.to(coeff.dtype))
+        freqs = cached(self, "basis_frequencies", [self.radial.freqs], lambda: self.radial.freqs.to(edge_vec.dtype))
+        return tuple(ext.edge_basis(edge_vec, freqs, scaled, columns, lower, factor, self.cutoff, self.envelope.p,
+                                    harmonics.lmax))
+
+    def _run_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The invariant trunk (Linear, SiLU pairs); with constant parameters one autograd node in C++."""
+        ext = extension() if parameters_constant() else None
+        if ext is None:
+            return self.trunk(x)
+        linears = list(self.trunk)[::2]
+        weights = cached(self, "trunk", [p for lin in linears for p in (lin.weight, lin.bias)],
+                         lambda: tuple(p.to(x.dtype) for lin in linears for p in (lin.weight, lin.bias)))
+        return ext.silu_mlp(x, list(weights[::2]), list(weights[1::2]), True)
+
     def forward(
         self,
         edge_vec: torch.Tensor,
@@ -207,9 +239,13 @@ class EdgeEmbedding(nn.Module):
         edge_index: Optional[torch.Tensor] = None,
     ) -> Edges:
         num_edges = edge_vec.shape[0]
-        length = torch.linalg.norm(edge_vec, dim=-1)  # (E,)
-        envelope = self.envelope(length).unsqueeze(-1)  # (E, 1)
-        radial = self.radial(length)  # (E, num_radial)
+        basis = self._constant_basis(edge_vec) if self.kernel_input and parameters_constant() else None
+        if basis is not None:
+            length, envelope, radial, harmonics = basis
+        else:
+            length = torch.linalg.norm(edge_vec, dim=-1)  # (E,)
+            envelope = self.envelope(length).unsqueeze(-1)  # (E, 1)
+            radial = self.radial(length)  # (E, num_radial)
         if not self.kernel_input:
             sh = spherical_harmonics(self.irreps_sh, edge_vec, normalize=True, normalization="component")
             return Edges(edge_vec, length, envelope, radial, sh, None)
@@ -238,10 +274,8 @@ class EdgeEmbedding(nn.Module):
             vectors.insert(0, self.references.to(edge_vec.dtype).expand(num_edges, -1))  # (E, ref_dim)
         vectors = torch.cat(vectors, dim=-1) if self.irreps_vectors.dim else None  # (E, irreps_vectors.dim)
 
-        # |x/c|^l Y_l(x/c), scaled to unit second moment for points uniform in the cutoff ball
-        harmonics = spherical_harmonics(  # e3nn's o3.spherical_harmonics of edge_vec / cutoff, in fewer ops
-            self.irreps_harmonics, edge_vec, normalize=False, normalization="component", input_scale=1 / self.cutoff
-        ) * self._harmonics_scale()  # (E, irreps_harmonics.dim)
+        if basis is None:  # |x/c|^l Y_l(x/c), scaled to unit second moment for points uniform in the cutoff ball
+            harmonics = self._harmonics_module()(edge_vec) * self._harmonics_scale()  # (E, irreps_harmonics.dim)
         if self.harmonics_norm is not None and not self._norm_folded():
             harmonics = self.harmonics_norm(harmonics)
         others = [harmonics] + ([vectors] if vectors is not None else [])
@@ -249,7 +283,7 @@ class EdgeEmbedding(nn.Module):
             others.append(self.products(vectors, torch.cat([harmonics, vectors[:, self._num_ref :]], dim=-1)))
         if self.trunk is not None and self.trunk_type == "invariant" and self._scalars_apart:
             # invariants through the MLP, the rest passed on: (E, irreps_kernel_in.dim), also as two parts
-            invariants = self.trunk(_cat(scalars))
+            invariants = self._run_trunk(_cat(scalars))
             rest = _cat(others)
             return Edges(edge_vec, length, envelope, radial, None, torch.cat([invariants, rest], dim=1),
                          (invariants, rest))
@@ -260,7 +294,7 @@ class EdgeEmbedding(nn.Module):
             kernel_in = self.trunk(kernel_in)  # (E, irreps_kernel_in.dim)
         elif self.trunk is not None:  # invariants through the MLP, the rest passed on: (E, irreps_kernel_in.dim)
             parts = list(torch.split(kernel_in, self._front_sizes, dim=1))
-            invariants = self.trunk(parts.pop(self._front_scalar))
+            invariants = self._run_trunk(parts.pop(self._front_scalar))
             rest = _cat(parts) if parts else invariants.new_zeros(num_edges, 0)
             return Edges(edge_vec, length, envelope, radial, None, torch.cat([invariants, rest], dim=1),
                          (invariants, rest))

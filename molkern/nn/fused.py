@@ -35,7 +35,8 @@ import torch
 from .scatter import scatter_sum
 from .tracing import fused_sums_in_trace, is_tracing_for_compile
 
-_SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "depthwise_aggregate.cpp"
+_SOURCES = [Path(__file__).resolve().parents[1] / "csrc" / name
+            for name in ("depthwise_aggregate.cpp", "constant_functions.cpp")]
 _extension = None
 _failed = False
 
@@ -57,7 +58,7 @@ def extension():
         except ImportError:
             pass
         _extension = cpp_extension.load(  # -march=native: 1.7x faster than the generic x86-64 build
-            name=f"molkern_depthwise_aggregate_{_cpu_tag()}", sources=[str(_SOURCE)],
+            name=f"molkern_depthwise_aggregate_{_cpu_tag()}", sources=[str(s) for s in _SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
         )
     except Exception as error:  # noqa: BLE001 - any build failure: fall back to torch operations

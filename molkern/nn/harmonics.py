@@ -54,6 +54,7 @@ def _coefficients(ls: Tuple[int, ...], normalization: str) -> torch.Tensor:
         residual = (basis @ fit - target).abs().max() / target.abs().max()
         if residual > 1e-12:
             raise RuntimeError(f"e3nn's Y_{l} is not a homogeneous polynomial of degree {l} (residual {residual:.1e})")
+        fit[fit.abs() < 1e-12 * fit.abs().max()] = 0.0  # rounding noise of the fit: the polynomials are sparse
         block = torch.zeros(len(exponents), 2 * l + 1, dtype=torch.float64)
         block[rows] = fit
         blocks.append(block)
@@ -177,7 +178,8 @@ class SphericalHarmonics(nn.Module):
         self._factor64 = torch.tensor(factor, dtype=torch.float64).unsqueeze(-1)  # (3M, 1)
         self._constants: Dict[Tuple[torch.dtype, torch.device], tuple] = {}
 
-    def _get(self, like: torch.Tensor) -> tuple:
+    def constants(self, like: torch.Tensor) -> tuple:
+        """(coeff (M, dim), columns (3M,), lower (3M,), factor (3M, 1)) in like's dtype and device (see `_Harmonics`)."""
         key = (like.dtype, like.device)
         if key not in self._constants:
             to = dict(device=like.device, dtype=like.dtype)
@@ -191,7 +193,7 @@ class SphericalHarmonics(nn.Module):
         batch = vec.shape[:-1]
         if vec.dim() != 2:
             vec = vec.reshape(-1, 3)
-        out = _Harmonics.apply(vec, *self._get(vec), self.lmax, self.normalize)  # (E, dim)
+        out = _Harmonics.apply(vec, *self.constants(vec), self.lmax, self.normalize)  # (E, dim)
         return out if len(batch) == 1 else out.view(*batch, self.dim)
 
     def extra_repr(self) -> str:
@@ -201,6 +203,12 @@ class SphericalHarmonics(nn.Module):
         state = self.__dict__.copy()
         state["_constants"] = {}
         return state
+
+
+def harmonics_module(l: Union[int, Sequence[int], str, o3.Irreps], normalize: bool, normalization: str = "component",
+                     input_scale: float = 1.0) -> SphericalHarmonics:
+    """The `SphericalHarmonics` module `spherical_harmonics` calls for these arguments (one per set of options)."""
+    return _module(tuple(_degrees(l)), bool(normalize), normalization, float(input_scale))
 
 
 @functools.lru_cache(maxsize=64)
@@ -222,4 +230,4 @@ def spherical_harmonics(
     Shapes:
         vec: (..., 3) -> (..., sum(2l+1))
     """
-    return _module(tuple(_degrees(l)), bool(normalize), normalization, float(input_scale))(vec)
+    return harmonics_module(l, normalize, normalization, input_scale)(vec)

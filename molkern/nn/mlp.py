@@ -1,6 +1,6 @@
 """Equivariant MLP: e3nn Linear layers alternated with gated nonlinearities (optional e3nn BatchNorm)."""
 
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 from e3nn import nn as enn
@@ -9,7 +9,9 @@ from e3nn.math import normalize2mom
 from torch import nn
 
 from .channelwise import permute_columns
+from .constants import parameters_constant
 from .eager import eager_e3nn
+from .fused import extension
 from .linear import Linear
 
 
@@ -82,12 +84,20 @@ class Gate(nn.Module):
         gate_of_column = torch.arange(sum(mul for mul, _ in self._gated)).repeat_interleave(
             torch.tensor([d for mul, d in self._gated for _ in range(mul)], dtype=torch.long))
         self.register_buffer("_gate_of_column", gate_of_column, persistent=False)  # gate of each gated column
+        selection = torch.zeros(len(gate_of_column), self._sizes[1])
+        selection[torch.arange(len(gate_of_column)), gate_of_column] = 1.0
+        self.register_buffer("_selection", selection, persistent=False)  # (gated dim, gates) one-hot
         self._scalar_function = _single_function(self.act_scalars)
         self._gate_function = _single_function(self.act_gates)
+        # for constant parameters: the activations by name and constant, for the gate as one C++ autograd node
+        self._named = _named(self._scalar_function), (_named(self._gate_function) if self._gated else ("tanh", 1.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._permute:
             x = permute_columns(x, self._columns, self._inverse)
+        ext = extension() if None not in self._named and x.dim() == 2 and parameters_constant() else None
+        if ext is not None:
+            return ext.gate(x, self._gate_of_column, self._selection, *self._sizes[:2], *self._named[0], *self._named[1])
         scalars, gates, gated = torch.split(x, self._sizes, dim=-1)
         scalars = _activate(self.act_scalars, self._scalar_function, scalars)
         if not self._gated:
@@ -105,6 +115,16 @@ def _single_function(activation: enn.Activation):
     if not isinstance(act, normalize2mom):
         return None
     return act.f, (1.0 if act._is_id else act.cst)
+
+
+_NAMED = {torch.nn.functional.silu: "silu", torch.sigmoid: "sigmoid", torch.tanh: "tanh"}
+
+
+def _named(function) -> Optional[Tuple[str, float]]:
+    """(name, c) of a `_single_function` (f, c) that the extension's gate computes, else None."""
+    if function is None or function[0] not in _NAMED:
+        return None
+    return _NAMED[function[0]], float(function[1])
 
 
 def _activate(activation: enn.Activation, function, x: torch.Tensor) -> torch.Tensor:
