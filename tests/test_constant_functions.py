@@ -1,6 +1,6 @@
-"""The edge basis, the gate and the invariant trunk as single C++ autograd nodes (constant parameters): the
-same values, first and second derivatives as the modules, in both of their forms (plain loops for small inputs,
-ATen operations for large ones and under create_graph)."""
+"""The edge basis and the gate as single C++ autograd nodes (constant parameters): the same values, first and
+second derivatives as the modules (plain loops forward and for first derivatives, ATen operations under
+create_graph), few edges and many (threads)."""
 
 import pytest
 import torch
@@ -8,11 +8,11 @@ import torch
 from molkern.nn.constants import constant_parameters
 from molkern.nn.edges import EdgeEmbedding
 from molkern.nn.fused import extension
-from molkern.nn.mlp import make_gate
+from molkern.nn.mlp import GATE_LOOP_ENTRIES, make_gate
 
 pytestmark = pytest.mark.skipif(extension() is None, reason="the C++ extension could not be built")
 
-SIZES = {"loops": 40, "aten": 3000}  # edges (rows): below and above the plain loops' bound (1 << 15 entries)
+SIZES = {"few": 40, "many": 3000}  # edges (gate rows: a tenth, then beyond its loops' bound: the module's form)
 
 
 def embedding(dtype):
@@ -61,7 +61,7 @@ def test_edge_basis_equals_the_modules(form, dtype):
     for a, b in zip(fused, expected):
         torch.testing.assert_close(a, b, **tol)
     weights = [torch.randn_like(t) for t in expected]
-    (grad,) = torch.autograd.grad(fused, vec, weights, retain_graph=True)  # no create_graph: loops if small
+    (grad,) = torch.autograd.grad(fused, vec, weights, retain_graph=True)  # no create_graph: the loops
     (grad_expected,) = torch.autograd.grad(expected, vec, weights, retain_graph=True)
     torch.testing.assert_close(grad, grad_expected, **tol)
     if dtype == torch.float64:  # second derivatives (create_graph: ATen operations, recorded)
@@ -82,7 +82,7 @@ def test_edge_basis_partial_outputs_and_gradcheck():
         assert torch.autograd.gradgradcheck(emb._constant_basis, (vec,))
 
 
-def test_embedding_uses_the_fused_basis_and_trunk_with_constant_parameters():
+def test_embedding_uses_the_fused_basis_with_constant_parameters():
     emb = embedding(torch.float64)
     vec = edge_vectors(30, torch.float64)
     node_attrs = torch.eye(4, dtype=torch.float64)[torch.randint(0, 4, (10,))]
@@ -93,24 +93,22 @@ def test_embedding_uses_the_fused_basis_and_trunk_with_constant_parameters():
     for a, b in zip(fused, out):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    grad_fn = fused.kernel_in_parts[0].grad_fn  # the trunk: one node
-    assert "SiluMLP" in grad_fn.name(), grad_fn.name()
+    assert "EdgeBasis" in fused.envelope.grad_fn.name(), fused.envelope.grad_fn.name()
 
 
 @pytest.mark.parametrize("form", sorted(SIZES))
 @pytest.mark.parametrize("irreps", ["8x0e+4x1o+4x2e", "8x0e+4x0o+4x1o", "16x0e"])
 def test_gate_equals_the_module(form, irreps):
     gate = make_gate(irreps).double()
-    rows = SIZES[form] // 10 if form == "loops" else SIZES[form]
+    rows = SIZES[form] // 10 if form == "few" else SIZES[form]
     torch.manual_seed(1)
     x = torch.randn(rows, gate.irreps_in.dim, dtype=torch.float64, requires_grad=True)
     expected = gate(x)
     with constant_parameters():
         out = gate(x)
-    fused = None not in gate._named
-    assert fused == (irreps != "8x0e+4x0o+4x1o")  # odd scalars: two activations, the module's form
-    if fused:
-        assert "GateFunction" in out.grad_fn.name()
+    fused = None not in gate._named and x.numel() <= GATE_LOOP_ENTRIES
+    assert (None not in gate._named) == (irreps != "8x0e+4x0o+4x1o")  # odd scalars: two activations
+    assert ("GateFunction" in out.grad_fn.name()) == fused
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     weights, probe = torch.randn_like(expected), torch.randn_like(x)
     (grad,) = torch.autograd.grad(out, x, weights, retain_graph=True)
@@ -127,19 +125,3 @@ def test_gate_rejects_bad_gate_indices():
     bad[0] = 5
     with pytest.raises(RuntimeError, match="gate_of_column must index"):
         extension().gate(x, bad, gate._selection, *gate._sizes[:2], *gate._named[0], *gate._named[1])
-
-
-@pytest.mark.parametrize("form", sorted(SIZES))
-def test_trunk_equals_the_module(form):
-    emb = embedding(torch.float64)
-    x = torch.randn(SIZES[form], emb.trunk[0].in_features, dtype=torch.float64, requires_grad=True)
-    expected = emb.trunk(x)
-    with constant_parameters():
-        out = emb._run_trunk(x)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    weights, probe = torch.randn_like(expected), torch.randn_like(x)
-    (grad,) = torch.autograd.grad(out, x, weights, retain_graph=True)  # the forward's saved pre-activations
-    expected_grad = torch.autograd.grad(expected, x, weights, retain_graph=True)[0]
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
-    for a, b in zip(first_and_second(out, x, weights, probe), first_and_second(expected, x, weights, probe)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -5,13 +5,13 @@
 // Python or from C++ alike, far more than its arithmetic: the edge basis (length, cutoff envelope, Bessel radial
 // basis, harmonics) took ~35 operations forward and backward, a gated nonlinearity ~20. Here each is one autograd
 // node. Two forms of each:
-// - plain loops over the rows (forward, and first derivatives), for inputs of up to kSmall entries, where the
-//   operations' overhead is what counts;
-// - ATen operations, for larger inputs (their vectorised kernels win there) and for the backward whenever gradient
-//   mode is on (create_graph): it recomputes what it needs from the saved inputs with differentiable operations,
-//   so second derivatives (a force Hessian) are exact too. Tests compare the two forms.
+// - plain loops over the rows for the forward and the first derivatives;
+// - ATen operations for the backward when gradient mode is on (create_graph): it recomputes what it needs from the
+//   saved inputs with differentiable operations, so second derivatives (a force Hessian) are exact too.
+// Tests compare both with the modules. The gate's loops take one exp per gate and row, slower than ATen's
+// vectorised exp for many rows: molkern.nn.mlp.Gate calls it for small inputs only.
 //
-// The parameters (frequencies, coefficients, weights) are constants: no gradient flows to them.
+// The parameters (frequencies, coefficients) are constants: no gradient flows to them.
 
 #include <torch/extension.h>
 
@@ -28,7 +28,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int64_t kSmall = 1 << 15;  // entries (rows x columns) up to which the plain loops run
+constexpr int64_t kGrain = 512;  // rows per thread at least
 
 template <typename T>
 const T* data_or_null(const at::Tensor& t) {
@@ -49,17 +49,7 @@ at::Tensor monomials(const at::Tensor& vec, int64_t lmax, const at::Tensor& colu
 
 // The envelope u(x) = 1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2) for x = r / cutoff < 1, else 0
 // (molkern.nn.radial.PolynomialCutoff), and the Bessel basis sin(f_n y) / (f_n y), y = max(r, 1e-6 cutoff) / cutoff
-// (BesselBasis).
-std::pair<at::Tensor, at::Tensor> radial_parts(const at::Tensor& r, const at::Tensor& freqs, double cutoff, int64_t p) {
-  const at::Tensor x = r / cutoff;
-  const double pp = static_cast<double>(p);
-  const at::Tensor u = 1.0 - 0.5 * (pp + 1) * (pp + 2) * x.pow(pp) + pp * (pp + 2) * x.pow(pp + 1) -
-                       0.5 * pp * (pp + 1) * x.pow(pp + 2);
-  const at::Tensor y = freqs * (r.clamp_min(1e-6 * cutoff) / cutoff).unsqueeze(-1);  // (E, num_basis)
-  return {u * (x < 1.0), at::sin(y) / y};
-}
-
-// The same per edge in plain loops (for few edges).
+// (BesselBasis), per edge in plain loops.
 template <typename T>
 struct BasisLoops {
   struct Entry {
@@ -173,39 +163,28 @@ struct EdgeBasis : public torch::autograd::Function<EdgeBasis> {
                 freqs.is_contiguous() && coeff.is_contiguous() && columns.scalar_type() == at::kLong,
                 "edge_basis: contiguous freqs and coeff in vec's dtype, int64 columns expected");
     ctx->save_for_backward({vec});
+    ctx->saved_data["constants"] = std::vector<at::Tensor>{freqs, coeff, columns, lower, factor};
     ctx->saved_data["cutoff"] = cutoff;
     ctx->saved_data["p"] = p;
     ctx->saved_data["lmax"] = lmax;
-    const bool loops = vec.size(0) * (coeff.size(1) + freqs.numel()) <= kSmall;
-    ctx->saved_data["loops"] = loops;
-    if (loops) {
-      ctx->saved_data["constants"] = std::vector<at::Tensor>{freqs, coeff, columns, lower, factor};
-      return forward_loops(vec.contiguous(), freqs, coeff, columns, lower, factor, cutoff, p);
-    }
-    const at::Tensor length = at::linalg_vector_norm(vec, 2, {-1});
-    auto [envelope, radial] = radial_parts(length, freqs, cutoff, p);
-    const at::Tensor mono = monomials(vec, lmax, columns);
-    ctx->saved_data["constants"] = std::vector<at::Tensor>{freqs, coeff, columns, lower, factor, length, mono};
-    return {length, envelope.unsqueeze(-1), radial, at::mm(mono.t(), coeff)};
-  }
-
-  static variable_list forward_loops(const at::Tensor& vec, const at::Tensor& freqs, const at::Tensor& coeff,
-                                     const at::Tensor& columns, const at::Tensor& lower, const at::Tensor& factor,
-                                     double cutoff, int64_t p) {
-    const int64_t E = vec.size(0);
-    at::Tensor length = at::empty({E}, vec.options()), envelope = at::empty({E, 1}, vec.options());
-    at::Tensor radial = at::empty({E, freqs.numel()}, vec.options()), harm = at::empty({E, coeff.size(1)}, vec.options());
-    AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "edge_basis", [&] {
+    const at::Tensor v = vec.contiguous();
+    const int64_t E = v.size(0);
+    at::Tensor length = at::empty({E}, v.options()), envelope = at::empty({E, 1}, v.options());
+    at::Tensor radial = at::empty({E, freqs.numel()}, v.options()), harm = at::empty({E, coeff.size(1)}, v.options());
+    AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "edge_basis", [&] {
       const BasisLoops<scalar_t> b(freqs, coeff, columns, lower, factor, p, cutoff);
-      std::vector<scalar_t> mono(b.M);
-      const scalar_t* v = vec.data_ptr<scalar_t>();
+      const scalar_t* vv = v.data_ptr<scalar_t>();
       scalar_t *r = length.data_ptr<scalar_t>(), *u = envelope.data_ptr<scalar_t>(), *y = radial.data_ptr<scalar_t>();
       scalar_t* h = harm.data_ptr<scalar_t>();
-      for (int64_t e = 0; e < E; ++e)
-        b.forward(v + 3 * e, r[e], u[e], y + e * b.NB, h + e * b.D, mono.data());
-      const at::Tensor sines = at::sin(radial);
+      at::parallel_for(0, E, kGrain, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> mono(b.M);
+        for (int64_t e = begin; e < end; ++e) b.forward(vv + 3 * e, r[e], u[e], y + e * b.NB, h + e * b.D, mono.data());
+      });
+      const at::Tensor sines = at::sin(radial);  // (vectorised: one at a time, the sines cost most of the time)
       const scalar_t* sin_y = sines.data_ptr<scalar_t>();
-      for (int64_t i = 0; i < radial.numel(); ++i) y[i] = sin_y[i] / y[i];
+      at::parallel_for(0, radial.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) y[i] = sin_y[i] / y[i];
+      });
     });
     return {length, envelope, radial, harm};
   }
@@ -220,7 +199,6 @@ struct EdgeBasis : public torch::autograd::Function<EdgeBasis> {
       if (grads[k].defined()) g[k] = grads[k].contiguous();
     AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "edge_basis_backward", [&] {
       const BasisLoops<scalar_t> b(freqs, coeff, columns, lower, factor, p, cutoff);
-      std::vector<scalar_t> mono(b.M), d_mono(b.M);
       const scalar_t *gl = data_or_null<scalar_t>(g[0]), *ge = data_or_null<scalar_t>(g[1]);
       const scalar_t *gr = data_or_null<scalar_t>(g[2]), *gh = data_or_null<scalar_t>(g[3]);
       const scalar_t* vv = v.data_ptr<scalar_t>();
@@ -230,20 +208,25 @@ struct EdgeBasis : public torch::autograd::Function<EdgeBasis> {
       if (gr) {
         y = at::empty({E, b.NB}, vec.options());
         scalar_t* yy = y.data_ptr<scalar_t>();
-        for (int64_t e = 0; e < E; ++e) {
-          const scalar_t* ve = vv + 3 * e;
-          b.arguments(std::sqrt(ve[0] * ve[0] + ve[1] * ve[1] + ve[2] * ve[2]), yy + e * b.NB);
-        }
+        at::parallel_for(0, E, kGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t e = begin; e < end; ++e) {
+            const scalar_t* ve = vv + 3 * e;
+            b.arguments(std::sqrt(ve[0] * ve[0] + ve[1] * ve[1] + ve[2] * ve[2]), yy + e * b.NB);
+          }
+        });
         sines = at::sin(y);
         cosines = at::cos(y);
         y_ = yy, sin_y = sines.data_ptr<scalar_t>(), cos_y = cosines.data_ptr<scalar_t>();
       }
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t n = gr ? e * b.NB : 0;
-        b.backward(vv + 3 * e, gl ? gl + e : nullptr, ge ? ge + e : nullptr, gr ? gr + n : nullptr,
-                   gh ? gh + e * b.D : nullptr, gr ? y_ + n : nullptr, gr ? sin_y + n : nullptr,
-                   gr ? cos_y + n : nullptr, out + 3 * e, mono.data(), d_mono.data());
-      }
+      at::parallel_for(0, E, kGrain, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> mono(b.M), d_mono(b.M);
+        for (int64_t e = begin; e < end; ++e) {
+          const int64_t n = gr ? e * b.NB : 0;
+          b.backward(vv + 3 * e, gl ? gl + e : nullptr, ge ? ge + e : nullptr, gr ? gr + n : nullptr,
+                     gh ? gh + e * b.D : nullptr, gr ? y_ + n : nullptr, gr ? sin_y + n : nullptr,
+                     gr ? cos_y + n : nullptr, out + 3 * e, mono.data(), d_mono.data());
+        }
+      });
     });
     return gv;
   }
@@ -256,12 +239,11 @@ struct EdgeBasis : public torch::autograd::Function<EdgeBasis> {
     const double p = static_cast<double>(ctx->saved_data["p"].toInt());
     const bool differentiable = at::GradMode::is_enabled();  // create_graph: recompute from vec, recorded
     variable_list out(9);
-    if (!differentiable && ctx->saved_data["loops"].toBool()) {
+    if (!differentiable) {
       out[0] = backward_loops(vec, grads, freqs, coeff, columns, lower, factor, cutoff, static_cast<int64_t>(p));
       return out;
     }
-    const bool recompute = differentiable || c.size() < 7;  // else the forward's length and monomials
-    const at::Tensor length = recompute ? at::linalg_vector_norm(vec, 2, {-1}) : c[5];
+    const at::Tensor length = at::linalg_vector_norm(vec, 2, {-1});
     at::Tensor d_length;  // dL/d length (E,)
     auto add = [](at::Tensor& sum, const at::Tensor& term) { sum = sum.defined() ? sum + term : term; };
     if (grads[0].defined()) add(d_length, grads[0]);
@@ -280,7 +262,7 @@ struct EdgeBasis : public torch::autograd::Function<EdgeBasis> {
     if (d_length.defined())  // d|v|/dv = v / |v|, 0 at v = 0 (as torch's norm)
       d_vec = vec * (d_length / length).masked_fill(length == 0, 0.0).unsqueeze(-1);
     if (grads[3].defined()) {
-      const at::Tensor mono = recompute ? monomials(vec, ctx->saved_data["lmax"].toInt(), columns) : c[6];
+      const at::Tensor mono = monomials(vec, ctx->saved_data["lmax"].toInt(), columns);
       const at::Tensor d_mono = at::mm(coeff, grads[3].t());  // (M, E)
       const at::Tensor derivatives = mono.index_select(0, lower) * factor;  // (3M, E)
       add(d_vec, (derivatives.view({3, coeff.size(0), vec.size(0)}) * d_mono).sum(1).t());
@@ -377,13 +359,8 @@ struct GateFunction : public torch::autograd::Function<GateFunction> {
     ctx->saved_data["scalar_act"] = scalar_act;
     ctx->saved_data["gate_act"] = gate_act;
     ctx->saved_data["constants"] = std::vector<double>{scalar_c, gate_c};
-    if (x.numel() <= kSmall) return gate_loops(x.contiguous(), gate_of_column, num_scalars, num_gates,
-                                               activation(scalar_act), scalar_c, activation(gate_act), gate_c, {});
-    const at::Tensor scalars = activate(activation(scalar_act), x.narrow(1, 0, num_scalars)) * scalar_c;
-    if (gate_of_column.numel() == 0) return scalars;
-    const at::Tensor gates = activate(activation(gate_act), x.narrow(1, num_scalars, num_gates)) * gate_c;
-    const at::Tensor gated = x.narrow(1, num_scalars + num_gates, gate_of_column.numel());
-    return at::cat({scalars, gated * gates.index_select(1, gate_of_column)}, 1);
+    return gate_loops(x.contiguous(), gate_of_column, num_scalars, num_gates, activation(scalar_act), scalar_c,
+                      activation(gate_act), gate_c, {});
   }
 
   // Forward (grad undefined) or, given grad (B, S + D), the backward in plain loops, one row at a time.
@@ -398,8 +375,9 @@ struct GateFunction : public torch::autograd::Function<GateFunction> {
                 "gate: gate_of_column must index the ", G, " gates");
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gate", [&] {
       using T = scalar_t;
+      at::parallel_for(0, B, kGrain / 8, [&](int64_t begin, int64_t end) {
       std::vector<T> factors(G), sums(G);
-      for (int64_t b = 0; b < B; ++b) {
+      for (int64_t b = begin; b < end; ++b) {
         const T* xb = x.data_ptr<T>() + b * W;
         T* ob = out.data_ptr<T>() + b * out.size(1);
         const T* gb = forward ? nullptr : g.data_ptr<T>() + b * (S + D);
@@ -417,6 +395,7 @@ struct GateFunction : public torch::autograd::Function<GateFunction> {
         }
         for (int64_t k = 0; k < G; ++k) ob[S + k] = sums[k] * T(cg) * activate_slope(fg, xb[S + k]);
       }
+      });
     });
     return out;
   }
@@ -431,7 +410,7 @@ struct GateFunction : public torch::autograd::Function<GateFunction> {
                      fg = activation(ctx->saved_data["gate_act"].toStringRef());
     const at::Tensor& grad = grads[0];
     variable_list out(9);
-    if (!at::GradMode::is_enabled() && x.numel() <= kSmall) {
+    if (!at::GradMode::is_enabled()) {
       out[0] = gate_loops(x.contiguous(), gate_of_column, S, G, fs, constants[0], fg, constants[1], grad);
       return out;
     }
@@ -455,66 +434,11 @@ at::Tensor gate(const at::Tensor& x, const at::Tensor& gate_of_column, const at:
   return GateFunction::apply(x, gate_of_column, selection, num_scalars, num_gates, scalar_act, scalar_c, gate_act, gate_c);
 }
 
-// ---------------------------------------------------------------------------------------------------- MLP
-
-// x -> silu(... silu(x W_1^T + b_1) ...) W_L^T + b_L) (torch.nn.Linear layouts: W (out, in), b (out,)) with
-// constant weights; the last layer's SiLU is applied when `last_activation`.
-struct SiluMLP : public torch::autograd::Function<SiluMLP> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::vector<at::Tensor>& weights,
-                            const std::vector<at::Tensor>& biases, bool last_activation) {
-    TORCH_CHECK(x.dim() == 2, "silu_mlp: x must be (B, in), got ", x.sizes());
-    TORCH_CHECK(!weights.empty() && weights.size() == biases.size(), "silu_mlp: one bias per weight expected");
-    std::vector<at::Tensor> pre;  // pre-activations, kept for the backward
-    at::Tensor h = x;
-    for (size_t k = 0; k < weights.size(); ++k) {
-      pre.push_back(at::linear(h, weights[k], biases[k]));
-      h = (k + 1 < weights.size() || last_activation) ? at::silu(pre.back()) : pre.back();
-    }
-    ctx->save_for_backward({x});
-    ctx->saved_data["weights"] = weights;
-    ctx->saved_data["biases"] = biases;
-    ctx->saved_data["pre"] = pre;
-    ctx->saved_data["last_activation"] = last_activation;
-    return h;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::Tensor x = ctx->get_saved_variables()[0];
-    const auto weights = ctx->saved_data["weights"].toTensorVector();
-    const bool last_activation = ctx->saved_data["last_activation"].toBool();
-    std::vector<at::Tensor> pre;
-    if (at::GradMode::is_enabled()) {  // create_graph: recompute, recorded
-      const auto biases = ctx->saved_data["biases"].toTensorVector();
-      at::Tensor h = x;
-      for (size_t k = 0; k < weights.size(); ++k) {
-        pre.push_back(at::linear(h, weights[k], biases[k]));
-        h = at::silu(pre.back());
-      }
-    } else {
-      pre = ctx->saved_data["pre"].toTensorVector();
-    }
-    at::Tensor grad = grads[0];
-    for (size_t k = weights.size(); k-- > 0;) {
-      if (k + 1 < weights.size() || last_activation) grad = activate_backward(Activation::Silu, grad, pre[k]);
-      grad = at::mm(grad, weights[k]);
-    }
-    variable_list out(4);
-    out[0] = grad;
-    return out;
-  }
-};
-
-at::Tensor silu_mlp(const at::Tensor& x, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
-                    bool last_activation) {
-  return SiluMLP::apply(x, weights, biases, last_activation);
-}
-
 }  // namespace
 
 void register_constant_functions(pybind11::module& m) {
   m.def("edge_basis", &edge_basis, "length, envelope, Bessel basis and harmonics of the edge vectors (one node)");
   m.def("gate", &gate, "gated nonlinearity (one autograd node)");
-  m.def("silu_mlp", &silu_mlp, "MLP with SiLU activations and constant weights (one autograd node)");
 }
 
 }  // namespace molkern

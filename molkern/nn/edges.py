@@ -221,16 +221,6 @@ class EdgeEmbedding(nn.Module):
         return tuple(ext.edge_basis(edge_vec, freqs, scaled, columns, lower, factor, self.cutoff, self.envelope.p,
                                     harmonics.lmax))
 
-    def _run_trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """The invariant trunk (Linear, SiLU pairs); with constant parameters one autograd node in C++."""
-        ext = extension() if parameters_constant() else None
-        if ext is None:
-            return self.trunk(x)
-        linears = list(self.trunk)[::2]
-        weights = cached(self, "trunk", [p for lin in linears for p in (lin.weight, lin.bias)],
-                         lambda: tuple(p.to(x.dtype) for lin in linears for p in (lin.weight, lin.bias)))
-        return ext.silu_mlp(x, list(weights[::2]), list(weights[1::2]), True)
-
     def forward(
         self,
         edge_vec: torch.Tensor,
@@ -283,7 +273,7 @@ class EdgeEmbedding(nn.Module):
             others.append(self.products(vectors, torch.cat([harmonics, vectors[:, self._num_ref :]], dim=-1)))
         if self.trunk is not None and self.trunk_type == "invariant" and self._scalars_apart:
             # invariants through the MLP, the rest passed on: (E, irreps_kernel_in.dim), also as two parts
-            invariants = self._run_trunk(_cat(scalars))
+            invariants = self.trunk(_cat(scalars))
             rest = _cat(others)
             return Edges(edge_vec, length, envelope, radial, None, torch.cat([invariants, rest], dim=1),
                          (invariants, rest))
@@ -294,7 +284,7 @@ class EdgeEmbedding(nn.Module):
             kernel_in = self.trunk(kernel_in)  # (E, irreps_kernel_in.dim)
         elif self.trunk is not None:  # invariants through the MLP, the rest passed on: (E, irreps_kernel_in.dim)
             parts = list(torch.split(kernel_in, self._front_sizes, dim=1))
-            invariants = self._run_trunk(parts.pop(self._front_scalar))
+            invariants = self.trunk(parts.pop(self._front_scalar))
             rest = _cat(parts) if parts else invariants.new_zeros(num_edges, 0)
             return Edges(edge_vec, length, envelope, radial, None, torch.cat([invariants, rest], dim=1),
                          (invariants, rest))

@@ -58,6 +58,11 @@ def reachable_irreps(irreps_in: o3.Irreps) -> List[o3.Irrep]:
     return sorted({ir for _, ir in o3.Irreps(irreps_in)} | {o3.Irrep("0e")})
 
 
+# With constant parameters, a gate on up to this many entries (rows x columns) runs as one C++ autograd node (plain
+# loops; molkern/csrc/constant_functions.cpp); beyond, ATen's vectorised exp is faster than its one exp at a time.
+GATE_LOOP_ENTRIES = 1 << 15
+
+
 class Gate(nn.Module):
     """e3nn's gated nonlinearity (same layout, activations and values) in a handful of tensor operations.
 
@@ -95,7 +100,8 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._permute:
             x = permute_columns(x, self._columns, self._inverse)
-        ext = extension() if None not in self._named and x.dim() == 2 and parameters_constant() else None
+        ext = extension() if (None not in self._named and x.dim() == 2 and x.numel() <= GATE_LOOP_ENTRIES
+                              and parameters_constant()) else None
         if ext is not None:
             return ext.gate(x, self._gate_of_column, self._selection, *self._sizes[:2], *self._named[0], *self._named[1])
         scalars, gates, gated = torch.split(x, self._sizes, dim=-1)
