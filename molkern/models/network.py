@@ -161,7 +161,8 @@ class MolkernNet(nn.Module):
                 f"node_attrs must have shape ({num_nodes}, {self.irreps_node_attr.dim}) for irreps "
                 f"{self.irreps_node_attr}, got {tuple(node_attrs.shape)}"
             )
-        edge_vec = torch.index_select(pos, 0, edge_index[0]) - torch.index_select(pos, 0, edge_index[1])  # (E, 3)
+        # (Tensor.index_select throughout molkern: torch_geometric replaces torch.index_select by a Python wrapper)
+        edge_vec = pos.index_select(0, edge_index[0]) - pos.index_select(0, edge_index[1])  # (E, 3)
         if edge_shifts is not None:
             edge_vec = edge_vec + edge_shifts.to(edge_vec.dtype)  # (E, 3) periodic images
         edges = self.edge_embedding(edge_vec, edge_attrs, node_attrs, edge_index)

@@ -133,7 +133,7 @@ class ChannelwiseProduct(nn.Module):
 
 @torch.library.custom_op("molkern::permute_columns", mutates_args=())
 def _permute_columns_op(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    return torch.index_select(x, -1, perm)
+    return x.index_select(-1, perm)
 
 
 @_permute_columns_op.register_fake
@@ -158,7 +158,7 @@ class _PermuteColumns(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, perm, inverse):
         _permute_columns_setup(ctx, (x, perm, inverse), None)
-        return torch.index_select(x, -1, perm)
+        return x.index_select(-1, perm)
 
     @staticmethod
     def backward(ctx, grad):

@@ -36,7 +36,7 @@ class SteerableConv(nn.Module):
         if hasattr(self.kernel, "prepare"):
             sums = self.sums(self.kernel.prepare(node_feats), edges, edge_index, node_feats.shape[0])
             return self.kernel.arrange(sums) / self.avg_num_neighbors
-        messages = self.kernel(torch.index_select(node_feats, 0, edge_index[0]), edges)  # (E, irreps_out.dim)
+        messages = self.kernel(node_feats.index_select(0, edge_index[0]), edges)  # (E, irreps_out.dim)
         return scatter_sum(messages, edge_index[1], node_feats.shape[0]) / self.avg_num_neighbors
 
     def sums(self, prepared: torch.Tensor, edges: Edges, edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
@@ -46,7 +46,7 @@ class SteerableConv(nn.Module):
         """
         if hasattr(self.kernel, "aggregate"):  # gather, messages and sum in the kernel's own way (maybe fused)
             return self.kernel.aggregate(prepared, edges, edge_index, num_nodes)
-        messages = self.kernel.messages(torch.index_select(prepared, 0, edge_index[0]), edges)  # (E, irreps_out.dim)
+        messages = self.kernel.messages(prepared.index_select(0, edge_index[0]), edges)  # (E, irreps_out.dim)
         return scatter_sum(messages, edge_index[1], num_nodes)
 
     def extra_repr(self) -> str:

@@ -255,8 +255,8 @@ class EdgeEmbedding(nn.Module):
                     f"node_attrs of width {self.irreps_node_attr.dim} ({self.irreps_node_attr}) and edge_index "
                     f"are required, got node_attrs {None if node_attrs is None else tuple(node_attrs.shape)}"
                 )
-            attrs_j = torch.index_select(node_attrs, 0, edge_index[0])  # (E, node_attr_dim) source z_j
-            attrs_i = torch.index_select(node_attrs, 0, edge_index[1])  # (E, node_attr_dim) target z_i
+            attrs_j = node_attrs.index_select(0, edge_index[0])  # (E, node_attr_dim) source z_j
+            attrs_i = node_attrs.index_select(0, edge_index[1])  # (E, node_attr_dim) target z_i
             for attrs in (attrs_j, attrs_i):
                 scalars += _take(attrs, self.irreps_node_attr, self._node_mask)
                 vectors += _take(attrs, self.irreps_node_attr, self._node_vector_mask)
@@ -279,7 +279,7 @@ class EdgeEmbedding(nn.Module):
                          (invariants, rest))
         kernel_in = torch.cat(scalars + others, dim=-1)
         if self._sort_columns is not None:
-            kernel_in = torch.index_select(kernel_in, 1, self._sort_columns)  # (E, irreps_front.dim)
+            kernel_in = kernel_in.index_select(1, self._sort_columns)  # (E, irreps_front.dim)
         if self.trunk is not None and self.trunk_type == "gated":
             kernel_in = self.trunk(kernel_in)  # (E, irreps_kernel_in.dim)
         elif self.trunk is not None:  # invariants through the MLP, the rest passed on: (E, irreps_kernel_in.dim)

@@ -88,7 +88,7 @@ def depthwise_aggregate_reference(x, kernels, channel_weights: Optional[torch.Te
     """
     num_edges, heads, d_out, d_in = kernels.shape
     per_head = x.shape[-1]
-    xs = torch.index_select(x.reshape(x.shape[0], -1), 0, src).view(num_edges * heads, d_in, per_head)
+    xs = x.reshape(x.shape[0], -1).index_select(0, src).view(num_edges * heads, d_in, per_head)
     if channel_weights is not None:
         xs = xs * channel_weights.reshape(num_edges * heads, 1, per_head)
     messages = torch.bmm(kernels.reshape(num_edges * heads, d_out, d_in), xs)  # (E * H, DO, P)
@@ -157,8 +157,8 @@ def _differentiable_gradients(grad_out, x, kernels, channel_weights, src, dst, n
         forward = _Aggregate.apply if eager else _aggregate
         gx = forward(grad_out, kernels.transpose(2, 3).contiguous(), channel_weights, dst, src, x.shape[0])
     if need_kernels or need_weights:
-        g_edges = torch.index_select(grad_out, 0, dst)  # (E, H, DO, P)
-        x_edges = torch.index_select(x, 0, src)  # (E, H, DI, P)
+        g_edges = grad_out.index_select(0, dst)  # (E, H, DO, P)
+        x_edges = x.index_select(0, src)  # (E, H, DI, P)
         if need_kernels:
             scaled = x_edges * channel_weights.unsqueeze(2) if channel_weights.numel() else x_edges
             gk = g_edges @ scaled.transpose(2, 3)  # (E, H, DO, DI)

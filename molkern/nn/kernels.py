@@ -191,7 +191,7 @@ class ImplicitKernel(nn.Module):
                 return sums.view(num_nodes, self.irreps_out.dim)
             kernels, channel_weights = self._depthwise_kernels(edges)
             return self.tp.aggregate(node_feats, kernels, edge_index, num_nodes, channel_weights)
-        messages = self.messages(torch.index_select(node_feats, 0, edge_index[0]), edges)  # (E, irreps_out.dim)
+        messages = self.messages(node_feats.index_select(0, edge_index[0]), edges)  # (E, irreps_out.dim)
         return scatter_sum(messages, edge_index[1], num_nodes)
 
     def _depthwise_kernels(self, edges: Edges):

@@ -109,7 +109,7 @@ class Gate(nn.Module):
         if not self._gated:
             return scalars
         gates = _activate(self.act_gates, self._gate_function, gates)
-        gates = torch.index_select(gates, -1, self._gate_of_column)  # (B, gated dim)
+        gates = gates.index_select(-1, self._gate_of_column)  # (B, gated dim)
         return torch.cat([scalars, gated * gates], dim=-1)
 
 

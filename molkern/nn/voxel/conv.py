@@ -264,7 +264,7 @@ class DenseSteerableConv3d(nn.Module):
             [source j, target i] -> (N, irreps_out.dim)
         """
         attrs = self._check_attrs(attrs)
-        edge_vec = torch.index_select(pos, 0, edge_index[0]) - torch.index_select(pos, 0, edge_index[1])  # (E, 3)
+        edge_vec = pos.index_select(0, edge_index[0]) - pos.index_select(0, edge_index[1])  # (E, 3)
         edge_attrs = None if attrs is None else attrs.to(pos.dtype).expand(edge_vec.shape[0], -1)  # (E, attr_dim)
         edges = self.edge_embedding(edge_vec, edge_attrs)
         out = SteerableConv(self.kernel)(node_feats, edges, edge_index)  # (N, kernel.irreps_out.dim)
