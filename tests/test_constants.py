@@ -170,3 +170,19 @@ def test_self_connection_beyond_the_torch_forms_row_bound():
     expected = sc(x, z)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, torch.autograd.grad(expected, x, grad)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_self_connection_pass_rejects_a_plan_outside_its_tensors():
+    from molkern.nn.fused import extension
+
+    if extension() is None:
+        pytest.skip("the C++ extension could not be built")
+    sc = ScalarAttributeTensorProduct("8x0e+8x1o", "3x0e", "8x0e+8x1o").double()
+    x = torch.randn(4, sc.irreps_in1.dim, dtype=torch.float64)
+    z = torch.eye(3, dtype=torch.float64)[[0, 1, 2, 0]]
+    stacked = sc._weights_by_attribute().detach()
+    out = extension().attribute_linear(x, z, stacked, sc._plan_tensor, sc.irreps_out.dim, sc.irreps_in1.dim)
+    with constant_parameters():
+        torch.testing.assert_close(out, sc(x, z), rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="plan row"):  # an output narrower than the plan's columns
+        extension().attribute_linear(x, z, stacked, sc._plan_tensor, sc.irreps_out.dim - 3, sc.irreps_in1.dim)

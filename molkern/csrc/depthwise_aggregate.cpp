@@ -724,6 +724,12 @@ at::Tensor attribute_linear(const at::Tensor& x, const at::Tensor& z, const at::
               "inputs must be contiguous");
   TORCH_CHECK(x.scalar_type() == z.scalar_type() && x.scalar_type() == S.scalar_type(), "one dtype expected");
   TORCH_CHECK(plan.scalar_type() == at::kLong && z.size(0) == x.size(0) && S.size(0) == z.size(1), "shapes differ");
+  const int64_t* q = plan.data_ptr<int64_t>();
+  const int64_t input_side = transpose ? out_dim : x.size(1), output_side = transpose ? x.size(1) : out_dim;
+  for (int64_t p = 0; p < plan.size(0); ++p, q += 6)  // the map's input (xs, U d) and output (os, W d) columns
+    TORCH_CHECK(std::all_of(q, q + 6, [](int64_t k) { return k >= 0; }) && q[0] + q[1] * q[4] <= input_side &&
+                q[2] + q[3] * q[4] <= output_side && 2 * (q[5] + q[1] * q[3]) <= S.size(1),
+                "attribute_linear: plan row ", p, " lies outside x, the output or S");
   auto out = at::zeros({x.size(0), out_dim}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attribute_linear", [&] {
     attribute_linear_kernel<scalar_t>(x.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), S.data_ptr<scalar_t>(),
@@ -731,6 +737,35 @@ at::Tensor attribute_linear(const at::Tensor& x, const at::Tensor& z, const at::
                                       S.size(1), plan.size(0), x.size(1), out_dim, transpose);
   });
   return out;
+}
+
+// attribute_linear as an autograd function in C++ (as block_linear below): the input gradient is the adjoint pass
+// (transpose flipped), itself differentiable, so derivatives of any order work. z and S are constants.
+struct AttributeLinearFunction : public torch::autograd::Function<AttributeLinearFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& z,
+                            const at::Tensor& S, const at::Tensor& plan, int64_t out_dim, int64_t in_dim,
+                            bool transpose) {
+    ctx->saved_data["constants"] = std::vector<at::Tensor>{z, S, plan};
+    ctx->saved_data["dims"] = std::vector<int64_t>{out_dim, in_dim};
+    ctx->saved_data["transpose"] = transpose;
+    return attribute_linear(x, z, S, plan, transpose ? in_dim : out_dim, transpose);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto c = ctx->saved_data["constants"].toTensorVector();
+    const auto dims = ctx->saved_data["dims"].toIntVector();
+    torch::autograd::variable_list out(7);
+    out[0] = AttributeLinearFunction::apply(grads[0].contiguous(), c[0], c[1], c[2], dims[0], dims[1],
+                                            !ctx->saved_data["transpose"].toBool());
+    return out;
+  }
+};
+
+// out (N, out_dim) = the self-connection of x (N, in_dim), differentiable in x
+at::Tensor attribute_linear_apply(const at::Tensor& x, const at::Tensor& z, const at::Tensor& S, const at::Tensor& plan,
+                                  int64_t out_dim, int64_t in_dim) {
+  return AttributeLinearFunction::apply(x, z, S, plan, out_dim, in_dim, false);
 }
 
 // out = x @ M (+ bias) for a constant matrix M stored as dense blocks (molkern.nn.block_linear): block g reads the
@@ -841,7 +876,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "its gradients with respect to x, K and c");
   m.def("terms_forward", &terms_forward, "the same sums, kernel matrices built per edge from the head's terms");
   m.def("terms_backward", &terms_backward, "its gradients with respect to x, w, v, u and c");
-  m.def("attribute_linear", &attribute_linear, "self-connection with per-node attribute-weighted matrices");
+  m.def("attribute_linear", &attribute_linear_apply, "self-connection with per-node attribute-weighted matrices "
+        "(differentiable)");
   m.def("block_linear", &block_linear_apply, "product with a constant matrix stored as dense blocks (differentiable)");
   molkern::register_constant_functions(m);
 }

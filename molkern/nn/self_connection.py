@@ -95,12 +95,13 @@ class ScalarAttributeTensorProduct(o3.FullyConnectedTensorProduct):
     def _forward_per_node_weights(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Constant parameters: each node's (W, U) matrix of every (input block -> output block) pair is
         sum_v z_v W_v, one matmul of z with the cached stacked weights' (W, U) half; then one bmm per pair (or all
-        of it in one C++ pass, `_AttributeLinear`)."""
+        of it in one C++ pass: an autograd function in C++ whose input gradient is the adjoint pass, so derivatives
+        of any order work)."""
         n = z.shape[0]
         stacked = cached(self, "weights_by_attribute", (self.weight,), self._weights_by_attribute)
         if self._fused(z):
-            return _AttributeLinear.apply(x.contiguous(), z.contiguous(), stacked, self._plan_tensor,
-                                          self.irreps_out.dim, self.irreps_in1.dim)
+            return extension().attribute_linear(x.contiguous(), z.contiguous(), stacked, self._plan_tensor,
+                                                self.irreps_out.dim, self.irreps_in1.dim)
         per_node = z @ stacked[:, self._pair_columns:]  # (N, columns)
         x_blocks = torch.split(x, self._in1_dims, dim=-1)
         out = []
@@ -128,22 +129,3 @@ class ScalarAttributeTensorProduct(o3.FullyConnectedTensorProduct):
                 stacked[rows, 0, columns] += w.permute(1, 0, 2).reshape(v, u * mul)
                 stacked[rows, 1, columns] += w.permute(1, 2, 0).reshape(v, u * mul)
         return stacked.view(self.irreps_in2.dim, -1)
-
-
-class _AttributeLinear(torch.autograd.Function):
-    """out[n] = sum over (input -> output block) pairs of (sum_v z[n, v] S_v) x[n] in one C++ pass (constant S and
-    z); transpose: the adjoint map (the input gradient). Each is the other's gradient, so any order of derivatives
-    works."""
-
-    @staticmethod
-    def forward(ctx, x, z, stacked, plan, out_dim: int, in_dim: int, transpose: bool = False):
-        ctx.save_for_backward(z, stacked, plan)
-        ctx.args = (out_dim, in_dim, transpose)
-        return extension().attribute_linear(x, z, stacked, plan, in_dim if transpose else out_dim, transpose)
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, stacked, plan = ctx.saved_tensors
-        out_dim, in_dim, transpose = ctx.args
-        grad_x = _AttributeLinear.apply(grad.contiguous(), z, stacked, plan, out_dim, in_dim, not transpose)
-        return (grad_x,) + (None,) * 6
