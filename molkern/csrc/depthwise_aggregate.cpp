@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -596,6 +597,66 @@ std::vector<at::Tensor> terms_backward(const at::Tensor& grad_out, const at::Ten
   return {gx, gw, gv, gu, gc};
 }
 
+// The terms pass as an autograd function in C++ (eager calls; a Python autograd.Function cost ~50 us per layer
+// forward and backward for a small molecule). Its first derivatives are terms_backward; under create_graph it calls
+// the Python function registered with set_terms_differentiable_backward (molkern.nn.fused: the gradients in
+// differentiable torch operations). plan: rows, cg_term, cg_pos, cg_value, then cg, selection, constant (read by
+// that function only).
+pybind11::object* terms_differentiable_backward = nullptr;  // never destroyed: it must not outlive Python
+
+void set_terms_differentiable_backward(pybind11::object function) {
+  if (terms_differentiable_backward == nullptr) terms_differentiable_backward = new pybind11::object();
+  *terms_differentiable_backward = std::move(function);
+}
+
+struct TermsAggregateFunction : public torch::autograd::Function<TermsAggregateFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const at::Tensor& v, const at::Tensor& u, const at::Tensor& c, const at::Tensor& src,
+                            const at::Tensor& dst, int64_t num_nodes, const std::vector<at::Tensor>& plan,
+                            int64_t d_out) {
+    TORCH_CHECK(plan.size() == 7, "terms_aggregate: plan must hold 7 tensors");
+    ctx->save_for_backward({x, w, v, u, c});
+    ctx->saved_data["edges"] = std::vector<at::Tensor>{src, dst};
+    ctx->saved_data["plan"] = plan;
+    ctx->saved_data["d_out"] = d_out;
+    return terms_forward(x, w, v, u, c, src, dst, num_nodes, plan[0], plan[1], plan[2], plan[3], d_out);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto edges = ctx->saved_data["edges"].toTensorVector();
+    const auto plan = ctx->saved_data["plan"].toTensorVector();
+    const int64_t d_out = ctx->saved_data["d_out"].toInt();
+    std::vector<bool> need(5);
+    for (int k = 0; k < 5; ++k) need[k] = ctx->needs_input_grad(k);
+    need[4] = need[4] && saved[4].numel() > 0;
+    const at::Tensor grad = grads[0].contiguous();
+    torch::autograd::variable_list out(10);
+    if (!at::GradMode::is_enabled()) {  // a first derivative only: the fused pass
+      const auto g = terms_backward(grad, saved[0], saved[1], saved[2], saved[3], saved[4], edges[0], edges[1],
+                                    plan[0], plan[1], plan[2], plan[3], d_out, need[0], need[1], need[2], need[3],
+                                    need[4]);
+      for (int k = 0; k < 5; ++k) out[k] = need[k] ? g[k] : at::Tensor();
+      return out;
+    }
+    TORCH_CHECK(terms_differentiable_backward != nullptr, "terms_aggregate: no differentiable backward registered");
+    pybind11::gil_scoped_acquire gil;
+    const auto g = (*terms_differentiable_backward)(grad, saved[0], saved[1], saved[2], saved[3], saved[4], edges[0],
+                                                    edges[1], plan, d_out, need)
+                       .cast<std::vector<std::optional<at::Tensor>>>();
+    for (int k = 0; k < 5; ++k)
+      if (g[k].has_value()) out[k] = *g[k];
+    return out;
+  }
+};
+
+at::Tensor terms_aggregate(const at::Tensor& x, const at::Tensor& w, const at::Tensor& v, const at::Tensor& u,
+                           const at::Tensor& c, const at::Tensor& src, const at::Tensor& dst, int64_t num_nodes,
+                           const std::vector<at::Tensor>& plan, int64_t d_out) {
+  return TermsAggregateFunction::apply(x, w, v, u, c, src, dst, num_nodes, plan, d_out);
+}
+
 // acc[i C + a] = sum_r x_i[rows[r]] B[r, a] for NR rows x_i = x + i D (a < C; B (R, C) row-major): NR rows at
 // once share each load of B; a single row sums even and odd r apart, so that at least four independent sums are
 // in flight (an FMA's latency is several cycles).
@@ -876,6 +937,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "its gradients with respect to x, K and c");
   m.def("terms_forward", &terms_forward, "the same sums, kernel matrices built per edge from the head's terms");
   m.def("terms_backward", &terms_backward, "its gradients with respect to x, w, v, u and c");
+  m.def("terms_aggregate", &terms_aggregate, "terms_forward as an autograd function (eager calls)");
+  m.def("set_terms_differentiable_backward", &set_terms_differentiable_backward,
+        "the Python function terms_aggregate's backward calls under create_graph");
   m.def("attribute_linear", &attribute_linear_apply, "self-connection with per-node attribute-weighted matrices "
         "(differentiable)");
   m.def("block_linear", &block_linear_apply, "product with a constant matrix stored as dense blocks (differentiable)");

@@ -16,8 +16,10 @@ energy+forces call than storing them, at every system size).
 
 The passes and their backwards are torch operators (`torch.ops.molkern.depthwise_aggregate`,
 `..._terms_aggregate` and their `_backward`s, with shape-only "fake" implementations), so graphs traced for
-torch.compile (molkern.train.compiled) call them as they are; eager calls go through equivalent
-autograd.Functions, which cost less per call. Second derivatives (training on forces) use differentiable
+torch.compile (molkern.train.compiled) call them as they are; eager calls go through equivalent autograd
+functions, which cost less per call (the terms pass's in C++: ~50 us less per layer for a small molecule than a
+Python autograd.Function; under create_graph its backward calls back into Python for the differentiable form).
+Second derivatives (training on forces) use differentiable
 operations: the sum back along the edges with the transposed matrices (the same operator) for the features,
 per-edge products for the kernel matrices, matmuls with a one-hot selection matrix for the terms (an index_add
 along dim 1 there was compiled by Inductor with a wrong row stride: out-of-bounds writes, a crash).
@@ -61,6 +63,7 @@ def extension():
             name=f"molkern_depthwise_aggregate_{_cpu_tag()}", sources=[str(s) for s in _SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
         )
+        _extension.set_terms_differentiable_backward(_eager_differentiable_terms_gradients)
     except Exception as error:  # noqa: BLE001 - any build failure: fall back to torch operations
         _failed = True
         warnings.warn(f"molkern: the fused convolution could not be built ({type(error).__name__}: "
@@ -251,7 +254,7 @@ def _terms_aggregate(x: torch.Tensor, w: torch.Tensor, v: torch.Tensor, u: torch
                      src: torch.Tensor, dst: torch.Tensor, num_nodes: int, rows: torch.Tensor, cg_term: torch.Tensor,
                      cg_pos: torch.Tensor, cg_value: torch.Tensor, cg: torch.Tensor, d_out: int, selection: torch.Tensor,
                      constant: torch.Tensor) -> torch.Tensor:
-    """The C++ pass with the matrices built inside (`_TermsAggregate`'s forward) as a torch operator, for graphs
+    """The C++ pass with the matrices built inside (the extension's `terms_forward`) as a torch operator, for graphs
     traced for torch.compile; cg, selection and constant (for second derivatives) are not read here."""
     return extension().terms_forward(x, w, v, u, c, src, dst, num_nodes, rows, cg_term, cg_pos, cg_value, d_out)
 
@@ -281,18 +284,29 @@ def _(grad_out, x, w, v, u, c, src, dst, rows, cg_term, cg_pos, cg_value, d_out,
                  for t, need in ((x, need_x), (w, need_w), (v, need_v), (u, need_u), (c, need_c)))
 
 
-def _terms_backward(ctx, grad_out, eager: bool):
-    """Gradients for x, w, v, u, c of the operator (eager=False) or of `_TermsAggregate` (eager=True)."""
+def _terms_backward(ctx, grad_out):
+    """Gradients for x, w, v, u, c of the operator (graphs traced for torch.compile)."""
     x, w, v, u, c, src, dst = ctx.saved_tensors
-    plan = ctx.plan
-    need_x, need_w, need_v, need_u, need_c = ctx.needs_input_grad[:5]
-    need_c = need_c and c.numel() > 0
+    need = list(ctx.needs_input_grad[:5])
+    need[4] = need[4] and c.numel() > 0
     grad_out = grad_out.contiguous()
     if not torch.is_grad_enabled():  # a first derivative only: the fused C++ pass
-        args = (grad_out, x, w, v, u, c, src, dst, *plan[:4], plan.d_out, need_x, need_w, need_v, need_u, need_c)
-        grads = extension().terms_backward(*args) if eager else _terms_aggregate_backward(*args)
-        return [g if need else None for g, need in zip(grads, (need_x, need_w, need_v, need_u, need_c))]
-    # create_graph: the matrices and every gradient in differentiable operations
+        grads = _terms_aggregate_backward(grad_out, x, w, v, u, c, src, dst, *ctx.plan[:4], ctx.plan.d_out, *need)
+        return [g if n else None for g, n in zip(grads, need)]
+    return _differentiable_terms_gradients(grad_out, x, w, v, u, c, src, dst, ctx.plan, need, eager=False)
+
+
+def _eager_differentiable_terms_gradients(grad_out, x, w, v, u, c, src, dst, plan, d_out: int, need):
+    """The extension's `terms_aggregate` backward under create_graph calls this (plan: its 7 tensors)."""
+    rows, cg_term, cg_pos, cg_value, cg, selection, constant = plan
+    plan = TermPlan(rows, cg_term, cg_pos, cg_value, cg, d_out, selection, constant)
+    return _differentiable_terms_gradients(grad_out, x, w, v, u, c, src, dst, plan, need, eager=True)
+
+
+def _differentiable_terms_gradients(grad_out, x, w, v, u, c, src, dst, plan: TermPlan, need, eager: bool):
+    """Gradients for x, w, v, u, c (None where not needed) with the matrices and every gradient in differentiable
+    operations (create_graph)."""
+    need_x, need_w, need_v, need_u, need_c = need
     columns = torch.addmm(plan.constant, v, plan.selection)  # (E, T): a[e, t]
     factors = columns * u
     kernels = _kernels_from_factors(w, factors, plan)
@@ -317,23 +331,8 @@ def _terms_setup_context(ctx, inputs, output):
     ctx.plan = TermPlan(*plan)
 
 
-_terms_aggregate.register_autograd(lambda ctx, grad_out: (*_terms_backward(ctx, grad_out, eager=False),) + (None,) * 11,
+_terms_aggregate.register_autograd(lambda ctx, grad_out: (*_terms_backward(ctx, grad_out),) + (None,) * 11,
                                    setup_context=_terms_setup_context)
-
-
-class _TermsAggregate(torch.autograd.Function):
-    """The operator's pass and derivatives for eager calls (an autograd.Function costs less per call)."""
-
-    @staticmethod
-    def forward(ctx, x, term_weights, vectors, envelope, channel_weights, src, dst, num_nodes, plan):
-        ctx.save_for_backward(x, term_weights, vectors, envelope, channel_weights, src, dst)
-        ctx.plan = plan
-        return extension().terms_forward(x, term_weights, vectors, envelope, channel_weights, src, dst, num_nodes,
-                                         *plan[:4], plan.d_out)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return (*_terms_backward(ctx, grad_out, eager=True), None, None, None, None)
 
 
 def depthwise_terms_aggregate(x, term_weights, vectors, envelope, channel_weights: Optional[torch.Tensor], src, dst,
@@ -357,4 +356,5 @@ def depthwise_terms_aggregate(x, term_weights, vectors, envelope, channel_weight
             dst.long().contiguous(), num_nodes)
     if is_tracing_for_compile():
         return _terms_aggregate(*args, *plan)
-    return _TermsAggregate.apply(*args, plan)
+    return extension().terms_aggregate(*args, [plan.rows, plan.cg_term, plan.cg_pos, plan.cg_value, plan.cg,
+                                               plan.selection, plan.constant], plan.d_out)
