@@ -125,13 +125,16 @@ class Linear(o3.Linear):
         if not self._dense_ok or weight is not None or bias is not None:
             return super().forward(features, weight, bias)
         batch = features.shape[:-1]
-        features = features.reshape(-1, self.irreps_in.dim)
+        if features.dim() != 2:  # (rows, irreps_in.dim): no view operations (each one a node in the backward)
+            features = features.reshape(-1, self.irreps_in.dim)
         if parameters_constant() and self.constant_rows_ok(rows):
             matrix = cached(self, "dense_matrix", (self.weight, self.bias), self.constant_matrix)
-            return block_matmul(features, matrix).view(*batch, self.irreps_out.dim)
-        if rows > self.max_dense_rows:
-            return super().forward(features, weight, bias).view(*batch, self.irreps_out.dim)
-        return apply_dense(features, self.dense_matrix()).view(*batch, self.irreps_out.dim)
+            out = block_matmul(features, matrix)
+        elif rows > self.max_dense_rows:
+            out = super().forward(features, weight, bias)
+        else:
+            out = apply_dense(features, self.dense_matrix())
+        return out if len(batch) == 1 else out.view(*batch, self.irreps_out.dim)
 
     def constant_rows_ok(self, rows: int) -> bool:
         """Whether the cached `constant_matrix` is the faster forward for this many rows (constant parameters):
