@@ -57,7 +57,7 @@ def block_plan(matrix: torch.Tensor) -> BlockPlan:
 class BlockMatrix(NamedTuple):
     """A constant (D_in, D_out) matrix and optional bias (D_out,) for `block_matmul`: the blocks of the matrix and
     of its transpose (the gradient), or, where the C++ extension is missing or the matrix is mostly nonzero, None
-    (then the dense matrix is used)."""
+    (then the dense matrix is used). With blocks, no bias is an empty tensor (the C++ pass's argument)."""
 
     dense: torch.Tensor
     bias: Optional[torch.Tensor]
@@ -72,7 +72,8 @@ def block_matrix(matrix: torch.Tensor, bias: Optional[torch.Tensor] = None, max_
     bias = None if bias is None else bias.detach().contiguous()
     if extension() is None or (matrix != 0).float().mean() > max_density:
         return BlockMatrix(matrix, bias, None, None)
-    return BlockMatrix(matrix, bias, block_plan(matrix), block_plan(matrix.t()))
+    return BlockMatrix(matrix, matrix.new_zeros(0) if bias is None else bias, block_plan(matrix),
+                       block_plan(matrix.t()))
 
 
 def block_matmul(x: torch.Tensor, m: BlockMatrix) -> torch.Tensor:
@@ -81,6 +82,5 @@ def block_matmul(x: torch.Tensor, m: BlockMatrix) -> torch.Tensor:
         return x @ m.dense if m.bias is None else torch.addmm(m.bias, x, m.dense)
     if x.shape[-1] != m.plan.in_dim:
         raise ValueError(f"x has {x.shape[-1]} columns, the matrix {m.plan.in_dim} rows")
-    bias = x.new_zeros(0) if m.bias is None else m.bias
     # a C++ autograd function: its gradient is the same pass with the transposed blocks (m.adjoint)
-    return extension().block_linear(x.contiguous(), bias, *m.plan[:4], *m.adjoint[:4], m.plan.out_dim)
+    return extension().block_linear(x.contiguous(), m.bias, *m.plan[:4], *m.adjoint[:4], m.plan.out_dim)

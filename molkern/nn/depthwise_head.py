@@ -15,6 +15,8 @@ Eagerly, `aggregate` goes further: the fused convolution builds the matrices fro
 components and the envelope itself (`molkern.nn.fused.depthwise_terms_aggregate`), none of them stored per edge.
 """
 
+from typing import NamedTuple, Optional
+
 import torch
 from e3nn import o3
 from torch import nn
@@ -23,6 +25,21 @@ from .constants import cached, parameters_constant
 from .depthwise import DepthwiseProduct
 from .fused import TermPlan, depthwise_terms_aggregate
 from .mlp import InvariantWeightedLinear
+
+
+class FoldedHead(NamedTuple):
+    """The head's weights as its products read them (cached with constant parameters)."""
+
+    term_weight: torch.Tensor  # (S, H T)
+    term_bias: torch.Tensor  # (H T,)
+    channel_weight: Optional[torch.Tensor]  # (S, U)
+    channel_bias: Optional[torch.Tensor]  # (U,)
+    selection: torch.Tensor  # (V, T)
+    constant: torch.Tensor  # (T,)
+    cg: torch.Tensor  # (T, d_out d_in)
+    cg_values: torch.Tensor  # (NZ,)
+    term_weight_t: torch.Tensor  # (H T, S): the same, edges-last products
+    term_bias_column: torch.Tensor  # (H T, 1)
 
 
 class InvariantDepthwiseHead(nn.Module):
@@ -108,7 +125,7 @@ class InvariantDepthwiseHead(nn.Module):
     def forward(self, kernel_in: torch.Tensor, envelope: torch.Tensor, kernel_in_parts=None):
         num_edges = kernel_in.shape[0]
         scalars, vectors, folded = self._inputs(kernel_in, kernel_in_parts)
-        term_weight, term_bias, channel_weight, channel_bias, selection, constant, cg, _ = folded
+        term_weight, term_bias, channel_weight, channel_bias, selection, constant, cg = folded[:7]
         term_weights = torch.addmm(term_bias, scalars, term_weight)  # (E, H T)
         vectors = torch.addmm(constant, vectors, selection) * envelope  # (E, T)
         # (the messages are linear in the kernels: the envelope goes on the narrowest factor)
@@ -131,16 +148,15 @@ class InvariantDepthwiseHead(nn.Module):
         node_feats: (N, H, d_in, U / H) head-major features -> (num_nodes, H, d_out, U / H)
         """
         num_edges = kernel_in.shape[0]
-        scalars, vectors, folded = self._inputs(kernel_in, kernel_in_parts)
-        term_weight, term_bias, channel_weight, channel_bias, selection, constant, cg, cg_values = folded
+        scalars, vectors, f = self._inputs(kernel_in, kernel_in_parts)
         # edges last: the fused pass reads the weights of consecutive edges as vectors
-        term_weights = torch.addmm(term_bias[:, None], term_weight.t(), scalars.t())  # (H T, E)
+        term_weights = torch.addmm(f.term_bias_column, f.term_weight_t, scalars.t())  # (H T, E)
         channel_weights = None
         if self.num_channel_weights:
-            channel_weights = torch.addmm(channel_bias, scalars, channel_weight)
+            channel_weights = torch.addmm(f.channel_bias, scalars, f.channel_weight)
             channel_weights = channel_weights.view(num_edges, self.heads, self.num_channel_weights // self.heads)
-        plan = TermPlan(self._term_rows, self._cg_term, self._cg_pos, cg_values, cg, self._matrix[0], selection,
-                        constant)
+        plan = TermPlan(self._term_rows, self._cg_term, self._cg_pos, f.cg_values, f.cg, self._matrix[0], f.selection,
+                        f.constant)
         return depthwise_terms_aggregate(node_feats, term_weights.view(self.heads, self.num_terms, num_edges),
                                          vectors, envelope, channel_weights, edge_index[0], edge_index[1], num_nodes,
                                          plan)
@@ -160,15 +176,16 @@ class InvariantDepthwiseHead(nn.Module):
                                             lambda: self._folded(kernel_in.dtype))
         return scalars, vectors, self._folded(kernel_in.dtype)
 
-    def _folded(self, dtype: torch.dtype):
-        """The weights and biases of the terms and the channel weights (scaled), and the constant matrices in dtype:
-        selection (V, T), constant (T,), cg (T, d_out d_in), the nonzero cg values (NZ,)."""
+    def _folded(self, dtype: torch.dtype) -> FoldedHead:
+        """The weights and biases of the terms and the channel weights (scaled), and the constant matrices in
+        dtype."""
         weight = self.weight * self._scale  # (S, W)
         channels = (weight[:, self._channel_columns], self.bias[self._channel_columns]) if self.num_channel_weights \
             else (None, None)
         cg = self._cg.to(dtype)
-        return (weight[:, self._weight_columns], self.bias[self._weight_columns], *channels,
-                self._selection.to(dtype), self._constant.to(dtype), cg, cg[self._cg_term, self._cg_pos])
+        term_weight, term_bias = weight[:, self._weight_columns], self.bias[self._weight_columns]
+        return FoldedHead(term_weight, term_bias, *channels, self._selection.to(dtype), self._constant.to(dtype), cg,
+                          cg[self._cg_term, self._cg_pos], term_weight.t(), term_bias[:, None])
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in} -> {self.heads} heads x {self.num_terms} terms, {self.num_channel_weights} channel weights"
