@@ -88,6 +88,8 @@ struct BasisLoops {
       axis[k] = static_cast<int32_t>(std::min<int64_t>(i, 2));
     }
     TORCH_CHECK(M > 0 && std::all_of(col, col + 3, [](int64_t c) { return c < 3; }), "monomial 0 must be 1");
+    TORCH_CHECK(std::all_of(low, low + 3 * M, [&](int64_t k) { return k >= 0 && k < M; }),
+                "edge_basis: lower must index the monomials");
   }
 
   void monomials(const T* v, T* mono) const {
@@ -160,8 +162,11 @@ struct EdgeBasis : public torch::autograd::Function<EdgeBasis> {
     TORCH_CHECK(coeff.dim() == 2 && columns.numel() == 3 * coeff.size(0) && lower.numel() == columns.numel(),
                 "edge_basis: coeff (M, D), columns and lower (3M,) expected");
     TORCH_CHECK(vec.scalar_type() == freqs.scalar_type() && vec.scalar_type() == coeff.scalar_type() &&
-                freqs.is_contiguous() && coeff.is_contiguous() && columns.scalar_type() == at::kLong,
-                "edge_basis: contiguous freqs and coeff in vec's dtype, int64 columns expected");
+                vec.scalar_type() == factor.scalar_type() && factor.numel() == columns.numel() &&
+                freqs.is_contiguous() && coeff.is_contiguous() && factor.is_contiguous() &&
+                columns.scalar_type() == at::kLong && lower.scalar_type() == at::kLong && columns.is_contiguous() &&
+                lower.is_contiguous(), "edge_basis: contiguous freqs, coeff and factor (3M) in vec's dtype, "
+                "contiguous int64 columns and lower expected");
     ctx->save_for_backward({vec});
     ctx->saved_data["constants"] = std::vector<at::Tensor>{freqs, coeff, columns, lower, factor};
     ctx->saved_data["cutoff"] = cutoff;
@@ -180,7 +185,7 @@ struct EdgeBasis : public torch::autograd::Function<EdgeBasis> {
         std::vector<scalar_t> mono(b.M);
         for (int64_t e = begin; e < end; ++e) b.forward(vv + 3 * e, r[e], u[e], y + e * b.NB, h + e * b.D, mono.data());
       });
-      const at::Tensor sines = at::sin(radial);  // (vectorised: one at a time, the sines cost most of the time)
+      const at::Tensor sines = at::sin(radial);  // ATen's vectorised sine, all edges at once
       const scalar_t* sin_y = sines.data_ptr<scalar_t>();
       at::parallel_for(0, radial.numel(), kGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) y[i] = sin_y[i] / y[i];
