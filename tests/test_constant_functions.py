@@ -124,4 +124,4 @@ def test_gate_rejects_bad_gate_indices():
     bad = gate._gate_of_column.clone()
     bad[0] = 5
     with pytest.raises(RuntimeError, match="gate_of_column must index"):
-        extension().gate(x, bad, gate._selection, *gate._sizes[:2], *gate._named[0], *gate._named[1])
+        extension().gate(x, bad, *gate._sizes[:2], *gate._named[0], *gate._named[1])

@@ -241,13 +241,14 @@ struct EdgeBasis : public torch::autograd::Function<EdgeBasis> {
     const auto c = ctx->saved_data["constants"].toTensorVector();
     const at::Tensor &freqs = c[0], &coeff = c[1], &columns = c[2], &lower = c[3], &factor = c[4];
     const double cutoff = ctx->saved_data["cutoff"].toDouble();
-    const double p = static_cast<double>(ctx->saved_data["p"].toInt());
-    const bool differentiable = at::GradMode::is_enabled();  // create_graph: recompute from vec, recorded
+    const int64_t power = ctx->saved_data["p"].toInt();
     variable_list out(9);
-    if (!differentiable) {
-      out[0] = backward_loops(vec, grads, freqs, coeff, columns, lower, factor, cutoff, static_cast<int64_t>(p));
+    if (!at::GradMode::is_enabled()) {
+      out[0] = backward_loops(vec, grads, freqs, coeff, columns, lower, factor, cutoff, power);
       return out;
     }
+    // create_graph: recompute from vec in ATen operations, recorded
+    const double p = static_cast<double>(power);
     const at::Tensor length = at::linalg_vector_norm(vec, 2, {-1});
     at::Tensor d_length;  // dL/d length (E,)
     auto add = [](at::Tensor& sum, const at::Tensor& term) { sum = sum.defined() ? sum + term : term; };
@@ -345,21 +346,17 @@ T activate_slope(Activation f, T x) {
 // ------------------------------------------------------------------------------------------------------ gate
 
 // e3nn's gated nonlinearity (molkern.nn.mlp.Gate) on x (B, S + G + D) laid out as [scalars | gates | gated]:
-// [cs fs(scalars) | gated * (cg fg(gates))[:, gate_of_column]], gate_of_column (D,) int64; selection (D, G) its
-// one-hot matrix, for the gates' gradient (a matmul: index_add along dim 1 runs one operation per index).
+// [cs fs(scalars) | gated * (cg fg(gates))[:, gate_of_column]], gate_of_column (D,) int64.
 struct GateFunction : public torch::autograd::Function<GateFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& gate_of_column,
-                            const at::Tensor& selection, int64_t num_scalars, int64_t num_gates, const std::string& scalar_act, double scalar_c,
+                            int64_t num_scalars, int64_t num_gates, const std::string& scalar_act, double scalar_c,
                             const std::string& gate_act, double gate_c) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == num_scalars + num_gates + gate_of_column.numel(),
                 "gate: x must be (B, ", num_scalars + num_gates + gate_of_column.numel(), "), got ", x.sizes());
-    TORCH_CHECK(selection.dim() == 2 && selection.size(0) == gate_of_column.numel() && selection.size(1) == num_gates &&
-                selection.scalar_type() == x.scalar_type(), "gate: selection must be (D, G) in x's dtype");
     TORCH_CHECK(gate_of_column.scalar_type() == at::kLong && gate_of_column.is_contiguous(),
                 "gate: gate_of_column must be contiguous int64");
     ctx->save_for_backward({x});
     ctx->saved_data["gate_of_column"] = gate_of_column;
-    ctx->saved_data["selection"] = selection;
     ctx->saved_data["sizes"] = std::vector<int64_t>{num_scalars, num_gates};
     ctx->saved_data["scalar_act"] = scalar_act;
     ctx->saved_data["gate_act"] = gate_act;
@@ -378,28 +375,32 @@ struct GateFunction : public torch::autograd::Function<GateFunction> {
     const int64_t* column_gate = gate_of_column.data_ptr<int64_t>();
     TORCH_CHECK(std::all_of(column_gate, column_gate + D, [&](int64_t k) { return k >= 0 && k < G; }),
                 "gate: gate_of_column must index the ", G, " gates");
+    const int64_t out_width = out.size(1);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gate", [&] {
       using T = scalar_t;
+      const T* x_ = x.data_ptr<T>();
+      const T* g_ = forward ? nullptr : g.data_ptr<T>();
+      T* out_ = out.data_ptr<T>();
       at::parallel_for(0, B, kGrain / 8, [&](int64_t begin, int64_t end) {
-      std::vector<T> factors(G), sums(G);
-      for (int64_t b = begin; b < end; ++b) {
-        const T* xb = x.data_ptr<T>() + b * W;
-        T* ob = out.data_ptr<T>() + b * out.size(1);
-        const T* gb = forward ? nullptr : g.data_ptr<T>() + b * (S + D);
-        for (int64_t j = 0; j < S; ++j)
-          ob[j] = forward ? T(cs) * activate_value(fs, xb[j]) : gb[j] * T(cs) * activate_slope(fs, xb[j]);
-        for (int64_t k = 0; k < G; ++k) factors[k] = T(cg) * activate_value(fg, xb[S + k]);
-        if (forward) {
-          for (int64_t j = 0; j < D; ++j) ob[S + j] = xb[S + G + j] * factors[column_gate[j]];
-          continue;
+        std::vector<T> factors(G), sums(G);
+        for (int64_t b = begin; b < end; ++b) {
+          const T* xb = x_ + b * W;
+          T* ob = out_ + b * out_width;
+          const T* gb = forward ? nullptr : g_ + b * (S + D);
+          for (int64_t j = 0; j < S; ++j)
+            ob[j] = forward ? T(cs) * activate_value(fs, xb[j]) : gb[j] * T(cs) * activate_slope(fs, xb[j]);
+          for (int64_t k = 0; k < G; ++k) factors[k] = T(cg) * activate_value(fg, xb[S + k]);
+          if (forward) {
+            for (int64_t j = 0; j < D; ++j) ob[S + j] = xb[S + G + j] * factors[column_gate[j]];
+            continue;
+          }
+          std::fill(sums.begin(), sums.end(), T(0));
+          for (int64_t j = 0; j < D; ++j) {
+            ob[S + G + j] = gb[S + j] * factors[column_gate[j]];
+            sums[column_gate[j]] += gb[S + j] * xb[S + G + j];
+          }
+          for (int64_t k = 0; k < G; ++k) ob[S + k] = sums[k] * T(cg) * activate_slope(fg, xb[S + k]);
         }
-        std::fill(sums.begin(), sums.end(), T(0));
-        for (int64_t j = 0; j < D; ++j) {
-          ob[S + G + j] = gb[S + j] * factors[column_gate[j]];
-          sums[column_gate[j]] += gb[S + j] * xb[S + G + j];
-        }
-        for (int64_t k = 0; k < G; ++k) ob[S + k] = sums[k] * T(cg) * activate_slope(fg, xb[S + k]);
-      }
       });
     });
     return out;
@@ -414,7 +415,7 @@ struct GateFunction : public torch::autograd::Function<GateFunction> {
     const Activation fs = activation(ctx->saved_data["scalar_act"].toStringRef()),
                      fg = activation(ctx->saved_data["gate_act"].toStringRef());
     const at::Tensor& grad = grads[0];
-    variable_list out(9);
+    variable_list out(8);
     if (!at::GradMode::is_enabled()) {
       out[0] = gate_loops(x.contiguous(), gate_of_column, S, G, fs, constants[0], fg, constants[1], grad);
       return out;
@@ -426,17 +427,19 @@ struct GateFunction : public torch::autograd::Function<GateFunction> {
     }
     const at::Tensor gates = x.narrow(1, S, G), gated = x.narrow(1, S + G, D), grad_gated = grad.narrow(1, S, D);
     const at::Tensor factors = (activate(fg, gates) * constants[1]).index_select(1, gate_of_column);  // (B, D)
-    const at::Tensor d_gate_values = at::mm(grad_gated * gated, ctx->saved_data["selection"].toTensor());
+    // each gate's sum over its columns as a matmul with the one-hot (D, G) matrix (index_add along dim 1 runs one
+    // operation per index)
+    const at::Tensor selection = at::one_hot(gate_of_column, G).to(x.scalar_type());
+    const at::Tensor d_gate_values = at::mm(grad_gated * gated, selection);
     const at::Tensor d_gates = activate_backward(fg, d_gate_values, gates) * constants[1];
     out[0] = at::cat({d_scalars, d_gates, grad_gated * factors}, 1);
     return out;
   }
 };
 
-at::Tensor gate(const at::Tensor& x, const at::Tensor& gate_of_column, const at::Tensor& selection, int64_t num_scalars,
-                int64_t num_gates, const std::string& scalar_act, double scalar_c, const std::string& gate_act,
-                double gate_c) {
-  return GateFunction::apply(x, gate_of_column, selection, num_scalars, num_gates, scalar_act, scalar_c, gate_act, gate_c);
+at::Tensor gate(const at::Tensor& x, const at::Tensor& gate_of_column, int64_t num_scalars, int64_t num_gates,
+                const std::string& scalar_act, double scalar_c, const std::string& gate_act, double gate_c) {
+  return GateFunction::apply(x, gate_of_column, num_scalars, num_gates, scalar_act, scalar_c, gate_act, gate_c);
 }
 
 }  // namespace

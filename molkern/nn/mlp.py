@@ -89,9 +89,6 @@ class Gate(nn.Module):
         gate_of_column = torch.arange(sum(mul for mul, _ in self._gated)).repeat_interleave(
             torch.tensor([d for mul, d in self._gated for _ in range(mul)], dtype=torch.long))
         self.register_buffer("_gate_of_column", gate_of_column, persistent=False)  # gate of each gated column
-        selection = torch.zeros(len(gate_of_column), self._sizes[1])
-        selection[torch.arange(len(gate_of_column)), gate_of_column] = 1.0
-        self.register_buffer("_selection", selection, persistent=False)  # (gated dim, gates) one-hot
         self._scalar_function = _single_function(self.act_scalars)
         self._gate_function = _single_function(self.act_gates)
         # for constant parameters: the activations by name and constant, for the gate as one C++ autograd node
@@ -103,7 +100,7 @@ class Gate(nn.Module):
         ext = extension() if (None not in self._named and x.dim() == 2 and x.numel() <= GATE_LOOP_ENTRIES
                               and parameters_constant()) else None
         if ext is not None:
-            return ext.gate(x, self._gate_of_column, self._selection, *self._sizes[:2], *self._named[0], *self._named[1])
+            return ext.gate(x, self._gate_of_column, *self._sizes[:2], *self._named[0], *self._named[1])
         scalars, gates, gated = torch.split(x, self._sizes, dim=-1)
         scalars = _activate(self.act_scalars, self._scalar_function, scalars)
         if not self._gated:
